@@ -1,0 +1,1 @@
+"""The `fedsight` console command. Subcommands import their packages lazily (fast --help)."""

@@ -1,0 +1,55 @@
+"""Subcommands about data: `synth` (make a synthetic federation) and `node check`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic federation of hospitals (real DICOM/PNG/CSV) to a folder",
+        description="Write one site data root per synthetic hospital, plus _truth/ beside them.",
+    )
+    p.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    p.set_defaults(func=_synth)
+
+    node = sub.add_parser("node", help="hospital node agent: check data, start a SuperNode")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="NODE_COMMAND")
+    c = node_sub.add_parser(
+        "check",
+        help="validate a site data root and print a report (files are never modified)",
+        description="Exit code: 0 usable, 1 no usable labelled case, 2 root missing/unreadable.",
+    )
+    c.add_argument("data", type=Path, help="site data root (ct/, pathology/, ehr.csv, labels.csv)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument(
+        "--cache-dir", type=Path, default=None,
+        help="preprocessed cache folder (default: per-user cache, never inside the data root)",
+    )
+    c.add_argument("--no-preprocess", action="store_true",
+                   help="validate only; do not resample volumes into the cache")
+    c.set_defaults(func=_node_check)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from synth.config import SynthConfig
+    from synth.federation import generate
+
+    summary = generate(SynthConfig.default(n_sites=args.sites, seed=args.seed), args.out)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+def _node_check(args: argparse.Namespace) -> int:
+    from hospital_node.check import check_site
+
+    code, text = check_site(
+        args.data, as_json=args.json, cache_dir=args.cache_dir, preprocess=not args.no_preprocess
+    )
+    print(text)
+    return code

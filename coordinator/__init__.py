@@ -1,0 +1,1 @@
+"""Coordinator: Flower ServerApp, per-expert aggregation strategy, model store, round schedule."""

@@ -1,0 +1,2 @@
+"""Explanations: Captum attributions over CT, pathology and EHR, modality contributions, answers.
+Imports no Gradio."""
