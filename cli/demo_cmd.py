@@ -12,7 +12,9 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="synthetic federation end to end (the README's main command)")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (default demo-out)")
+    p.add_argument(
+        "--out", type=Path, default=Path("demo-out"), help="work folder (default demo-out)"
+    )
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)

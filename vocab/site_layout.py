@@ -3,7 +3,7 @@
     <root>/ct/<case_id>/*.dcm       one CT series per case
     <root>/pathology/<case_id>.png  one RGB H&E tile per case (.png, .tif, .tiff)
     <root>/ehr.csv                  case_id + the EHR schema's columns, one row per case
-    <root>/labels.csv               case_id,label  (label: 0 = benign/negative, 1 = malignant/positive)
+    <root>/labels.csv               case_id,label (0 = benign/negative, 1 = malignant/positive)
     <root>/feedback.db              clinician feedback (SQLite), written by the UI
     <root>/site.json                optional: {"site_id": ..., "ehr_schema": ...}
 """
