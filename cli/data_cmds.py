@@ -31,9 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, default=None,
         help="preprocessed cache folder (default: per-user cache, never inside the data root)",
     )
-    c.add_argument("--no-preprocess", action="store_true",
-                   help="validate only; do not resample volumes into the cache")
     c.set_defaults(func=_node_check)
+
+    from cli.fl_cmds import register_node_start
+
+    register_node_start(node_sub)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -48,8 +50,6 @@ def _synth(args: argparse.Namespace) -> int:
 def _node_check(args: argparse.Namespace) -> int:
     from hospital_node.check import check_site
 
-    code, text = check_site(
-        args.data, as_json=args.json, cache_dir=args.cache_dir, preprocess=not args.no_preprocess
-    )
+    code, text = check_site(args.data, as_json=args.json, cache_dir=args.cache_dir)
     print(text)
     return code
