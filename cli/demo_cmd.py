@@ -17,6 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ui-port", type=int, default=7860,
+                   help="clinician app port on 127.0.0.1 (default 7860)")
+    p.add_argument("--no-ui", action="store_true", help="do not open the clinician app")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="federated rounds (Flower simulation runtime; 0 skips them)")
     p.set_defaults(func=_demo)
 
 
@@ -36,4 +41,50 @@ def _demo(args: argparse.Namespace) -> int:
         code, text = check_site(site, as_json=False, cache_dir=args.out / "cache" / site.name)
         print(text)
         worst = max(worst, code)
+    if args.rounds > 0 and worst == 0:
+        from cli.fl_cmds import demo_rounds
+
+        demo_rounds(args.out, fed, args.rounds, n_sites=args.sites)
+    if not args.no_ui:
+        _open_clinician_app(args, fed)
     return worst
+
+
+def _open_clinician_app(args: argparse.Namespace, fed: Path) -> None:
+    """Serve the clinician app for the first site on 127.0.0.1 (blocks until Ctrl-C).
+
+    Serves the model store's clinical version when the federated rounds produced one
+    (<out>/store), else a quickly trained local model (<out>/local-model.pt, labelled as such).
+    """
+    from cli.ui_cmd import launch_app
+
+    site = sorted(p for p in fed.iterdir() if p.is_dir() and not p.name.startswith("_"))[0]
+    store = args.out / "store"
+    model = store if (store / "clinical.json").is_file() else _local_model(args, site)
+    print(f"[demo] clinician app for {site.name}: http://127.0.0.1:{args.ui_port} (Ctrl-C ends)")
+    launch_app(site, model, port=args.ui_port, cache_dir=args.out / "cache" / site.name)
+
+
+def _local_model(args: argparse.Namespace, site: Path) -> Path:
+    """A model trained on one site only (used until a federated model is in the store)."""
+    path = args.out / "local-model.pt"
+    if path.exists():
+        return path
+    from hospital_node.dataset import load_site
+    from hospital_node.splits import split_of
+    from multimodal.checkpoint import save_checkpoint
+    from multimodal.config import ModelConfig, TrainConfig
+    from multimodal.evaluate import fit_model_temperature
+    from multimodal.model import build_model
+    from multimodal.train import train_local
+
+    print(f"[demo] no federated model in {args.out / 'store'} yet: training a local model on "
+          f"{site.name} for the app")
+    cfg = ModelConfig()
+    cases = load_site(site, cfg.inputs, args.out / "cache" / site.name).cases
+    model = build_model(cfg, seed=args.seed)
+    train_local(model, [c for c in cases if split_of(c.case_id, args.seed) == "train"],
+                TrainConfig(epochs=8, stage1_epochs=2, seed=args.seed))
+    model.eval()
+    fit_model_temperature(model, [c for c in cases if split_of(c.case_id, args.seed) == "test"])
+    return save_checkpoint(model, path, meta={"note": "local, single-site demo model"})

@@ -1,0 +1,253 @@
+"""Federated-learning subcommands: `coordinator start|run|schedule`, `models list|show|promote|
+rollback`, and the `node start` handler (registered under `node` in data_cmds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = Path(".fedsight")  # coordinator state: SuperLink db, FLWR_HOME, schedule
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("coordinator", help="coordinator: SuperLink, federated runs, schedule")
+    co_sub = co.add_subparsers(dest="coordinator_command", required=True, metavar="SUBCOMMAND")
+
+    s = co_sub.add_parser("start", help="run the SuperLink (foreground) that hospitals join")
+    s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=9092, help="Fleet/Control port (default 9092)")
+    s.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state folder (SuperLink db)")
+    _tls_args(s, server=True)
+    s.set_defaults(func=_coordinator_start)
+
+    r = co_sub.add_parser("run", help="submit one federated run to the SuperLink and wait")
+    r.add_argument("--coordinator", default="127.0.0.1:9092", help="SuperLink HOST:PORT")
+    r.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    r.add_argument("--store", type=Path, default=None,
+                   help="model store (default HOME/store); must be reachable by the SuperLink")
+    r.add_argument("--rounds", type=int, default=None, help="number of rounds (run config)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the latest unfinished run from its last completed round")
+    r.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra run-config values (TOML scalars), repeatable")
+    r.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the run")
+    r.add_argument("--app", type=Path, default=None, help="fedsight source folder (Flower app)")
+    r.add_argument("--tls", type=Path, default=None, metavar="CA", help="CA certificate (PEM)")
+    r.set_defaults(func=_coordinator_run)
+
+    sc = co_sub.add_parser("schedule", help="start runs on a cron-like rule (never two at once)")
+    sc.add_argument("--rule", default=None, help='cron rule (default "0 2 1 * *": 02:00 on the '
+                    "1st of each month)")
+    sc.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    sc.add_argument("--once", action="store_true", help="run now if due, then exit")
+    sc.add_argument("--history", action="store_true", help="print the run history and exit")
+    sc.add_argument("run_args", nargs=argparse.REMAINDER,
+                    help="after --: arguments for `fedsight coordinator run`")
+    sc.set_defaults(func=_coordinator_schedule)
+
+    m = sub.add_parser("models", help="model store: list, show, promote, rollback")
+    m_sub = m.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    for name, help_ in [("list", "every stored version with pooled metrics"),
+                        ("show", "one version's metadata (per-hospital metrics)"),
+                        ("promote", "make a version the clinical one (checked per hospital)"),
+                        ("rollback", "return clinicians to the previous clinical version")]:
+        p = m_sub.add_parser(name, help=help_)
+        p.add_argument("--store", type=Path, default=DEFAULT_HOME / "store")
+        if name in ("show", "promote"):
+            p.add_argument("version", help="version id (or a unique prefix / hash prefix)")
+        if name == "promote":
+            p.add_argument("--metric", default="auc", help="metric compared per hospital")
+            p.add_argument("--margin", type=float, default=0.02,
+                           help="allowed drop at any hospital (default 0.02)")
+            p.add_argument("--force", action="store_true", help="promote despite the check")
+        p.set_defaults(func=globals()[f"_models_{name}"])
+
+
+def register_node_start(node_sub: argparse._SubParsersAction) -> None:
+    n = node_sub.add_parser("start", help="check the site, then run this hospital's SuperNode")
+    n.add_argument("--data", type=Path, required=True, help="site data root")
+    n.add_argument("--coordinator", required=True, help="SuperLink HOST:PORT")
+    n.add_argument("--tls", type=Path, default=None, metavar="CA",
+                   help="CA certificate (PEM) of the coordinator; without it: insecure")
+    n.add_argument("--site-id", default="", help="hospital name (default: site.json/folder)")
+    n.add_argument("--cache-dir", type=Path, default=None)
+    n.add_argument("--port", type=int, default=9094, help="local ClientAppIo port")
+    n.set_defaults(func=_node_start)
+
+
+def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help="folder with ca.crt, server.pem, server.key (deploy/gen-certs.sh); "
+                   "without it the SuperLink runs insecure (loopback tests only)")
+
+
+def _node_start(args: argparse.Namespace) -> int:
+    from hospital_node.agent import NodeStart, start
+
+    start(NodeStart(args.data, args.coordinator, args.tls, args.site_id, args.cache_dir,
+                    args.port))
+    return 0  # not reached: start() execs flower-supernode
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from coordinator.launch import TlsFiles, process_env, superlink_command
+
+    tls = None
+    if args.tls_dir is not None:
+        d = args.tls_dir
+        tls = TlsFiles(d / "ca.crt", d / "server.pem", d / "server.key")
+    args.home.mkdir(parents=True, exist_ok=True)
+    cmd = superlink_command(args.host, args.port, args.home / "superlink.db", tls)
+    print(f"[coordinator] SuperLink on {args.host}:{args.port} "
+          f"({'TLS' if tls else 'INSECURE'}), state {args.home}", flush=True)
+    os.execve(cmd[0], cmd, process_env())
+    return 0
+
+
+def _parse_kv(items: list[str]) -> dict[str, Any]:
+    import tomllib
+
+    from vocab.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            out.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--run-config {item!r} is not KEY=VALUE in TOML ({e})") from None
+    return out
+
+
+def _coordinator_run(args: argparse.Namespace) -> int:
+    from coordinator.launch import app_dir, submit_run, wait_run, write_connection
+    from coordinator.settings import RunSettings
+    from coordinator.store import ModelStore
+
+    home = args.home.resolve()
+    store = (args.store or home / "store").resolve()
+    overrides = {"store-dir": str(store), **_parse_kv(args.run_config)}
+    if args.rounds is not None:
+        overrides["num-rounds"] = args.rounds
+    if args.resume:
+        overrides["resume"] = True
+    RunSettings.from_run_config(overrides)  # fail here, not inside the SuperLink
+    flwr_home = home / "flwr"
+    write_connection(flwr_home, args.coordinator, args.tls)
+    before = {v.id for v in ModelStore(store).list_versions()}
+    run_id = submit_run(args.app or app_dir(), flwr_home, overrides)
+    print(f"[coordinator] run {run_id} submitted; waiting", flush=True)
+    status = wait_run(flwr_home, run_id, args.timeout)
+    new = [v for v in ModelStore(store).list_versions() if v.id not in before]
+    for v in new:
+        print(f"[coordinator] round {v.meta['round']}: version {v.id} pooled "
+              f"{_fmt(v.meta['metrics'].get('pooled', {}))}")
+    print(f"[coordinator] run {run_id}: {status}")
+    return 0 if status == "finished:completed" else 1
+
+
+def _coordinator_schedule(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from coordinator.launch import process_env
+    from coordinator.schedule import DEFAULT_RULE, CronRule, Scheduler
+
+    rule = CronRule.parse(args.rule or DEFAULT_RULE)
+    run_args = [a for a in args.run_args if a != "--"]
+    cmd = [sys.executable, "-m", "cli.main", "coordinator", "run", "--home", str(args.home),
+           *run_args]
+
+    def job() -> int:
+        return subprocess.run(cmd, env=process_env(), check=False).returncode
+
+    sched = Scheduler(rule, args.home / "schedule", job)
+    if args.history:
+        print(json.dumps(sched.history(), indent=2))
+        return 0
+    print(f"[schedule] rule {rule.text!r}; next run {sched.next_due().isoformat()}", flush=True)
+    if args.once:
+        entry = sched.tick()
+        print(json.dumps(entry) if entry else "[schedule] not due")
+        return 0
+    sched.run_forever()
+    return 0
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(metrics.items()))
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from coordinator.store import ModelStore
+
+    store = ModelStore(args.store)
+    clinical = store.clinical().get("version")
+    versions = store.list_versions()
+    if not versions:
+        print(f"no versions in {args.store}")
+        return 0
+    for v in versions:
+        mark = "*" if v.id == clinical else " "
+        m = v.meta
+        print(f"{mark} {v.id}  run {m.get('run_id')}  round {m.get('round')}  "
+              f"{m.get('strategy')}/{m.get('aggregation')}  "
+              f"{_fmt(m.get('metrics', {}).get('pooled', {}))}")
+    print("(* = clinical)")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from coordinator.store import ModelStore
+
+    v = ModelStore(args.store).get(args.version)
+    print(json.dumps({"path": str(v.path), **v.meta}, indent=2, sort_keys=True))
+    return 0
+
+
+def _models_promote(args: argparse.Namespace) -> int:
+    from coordinator.store import ModelStore
+
+    v = ModelStore(args.store).promote(args.version, args.metric, args.margin, args.force)
+    print(f"version {v.id} is now clinical")
+    return 0
+
+
+def _models_rollback(args: argparse.Namespace) -> int:
+    from coordinator.store import ModelStore
+
+    v = ModelStore(args.store).rollback()
+    print(f"rolled back: version {v.id} is clinical again")
+    return 0
+
+
+def demo_rounds(out: Path, fed: Path, rounds: int, n_sites: int) -> None:
+    """Federated rounds of the demo on Flower's simulation runtime (one virtual SuperNode per
+    synthetic hospital), every round stored in <out>/store, the best final version promoted."""
+    from coordinator.launch import simulate
+    from coordinator.store import ModelStore, StoreError
+
+    store_dir = (out / "store").resolve()
+    run_config = {"num-rounds": rounds, "federation-dir": str(fed.resolve()),
+                  "cache-dir": str((out / "cache").resolve()), "store-dir": str(store_dir),
+                  "run-name": "demo"}
+    sites = [p for p in fed.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+    print(f"[demo] {rounds} federated rounds over {len(sites)} hospitals (Flower simulation)")
+    res = simulate(out / "coordinator", run_config, num_nodes=len(sites), cpus_per_node=1.0)
+    store = ModelStore(store_dir)
+    versions = store.list_versions()
+    for v in versions[-rounds:]:
+        print(f"[demo] round {v.meta['round']}: version {v.id}  pooled "
+              f"{_fmt(v.meta['metrics'].get('pooled', {}))}")
+    print(f"[demo] run {res.run_id}: {res.status} in {res.seconds:.0f} s")
+    if res.status != "finished:completed" or not versions:
+        print(f"[demo] federated run failed; see {out / 'coordinator' / 'superlink.log'}")
+        return
+    try:
+        v = store.promote(versions[-1].id)
+        print(f"[demo] version {v.id} promoted for clinical use")
+    except StoreError as e:
+        print(f"[demo] kept the clinical version: {e}")

@@ -1,0 +1,69 @@
+"""What happened in each round, per hospital: screening verdicts, metrics, bytes, time.
+
+Filled in by the strategy's hooks, read by the ServerApp when it stores the round's model. Holds
+hospital names (site ids), numbers and reasons only - nothing about any patient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class HospitalRound:
+    accepted: bool | None = None  # None: the hospital sent no usable training reply
+    reason: str = ""  # why its update was left out / its reply failed
+    update_norm: float = math.nan
+    num_examples: int = 0
+    bytes_down: int = 0  # global model sent to it this round (train + evaluate)
+    bytes_up: int = 0  # its training reply (arrays + metrics)
+    train: dict[str, float] = field(default_factory=dict)  # train-loss etc. (no token counts)
+    eval: dict[str, float] = field(default_factory=dict)  # held-out loss, auc, accuracy, n
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    started: float  # unix time
+    finished: float = math.nan
+    status: str = "running"  # aggregated | too-few-hospitals | running
+    hospitals: dict[str, HospitalRound] = field(default_factory=dict)
+    pooled: dict[str, float] = field(default_factory=dict)  # example-weighted eval means
+
+    def hospital(self, name: str) -> HospitalRound:
+        return self.hospitals.setdefault(name, HospitalRound())
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None (json.dumps would write invalid JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def pooled_means(per_hospital: dict[str, dict[str, float]], weight_key: str = "n"
+                 ) -> dict[str, float]:
+    """Example-weighted mean of every metric over hospitals where it is finite."""
+    keys = sorted({k for m in per_hospital.values() for k in m if k != weight_key})
+    out: dict[str, float] = {}
+    for k in keys:
+        pairs = [(m[k], m.get(weight_key, 1.0)) for m in per_hospital.values()
+                 if k in m and math.isfinite(m[k])]
+        total = sum(w for _, w in pairs)
+        if total > 0:
+            out[k] = sum(v * w for v, w in pairs) / total
+    out[weight_key] = float(sum(m.get(weight_key, 0.0) for m in per_hospital.values()))
+    return out

@@ -1,0 +1,229 @@
+"""Deployment runtime, coordinator side: start the SuperLink, submit a run with `flwr run`, wait.
+
+Every process started here gets the offline environment (vocab.offline) explicitly, plus the
+folder of this interpreter on PATH (Flower starts its own helpers by name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vocab.errors import ConfigError, FedsightError
+from vocab.offline import OFFLINE_ENV
+
+CONNECTION = "fedsight"
+
+
+class RunFailed(FedsightError):
+    """The federated run could not be submitted or did not finish successfully."""
+
+
+def process_env(flwr_home: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV}
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path | None = None  # SuperLink only
+    key: Path | None = None  # SuperLink only
+
+    def check(self, server: bool) -> None:
+        need = [("CA certificate", self.ca)]
+        if server:
+            need += [("certificate", self.cert), ("private key", self.key)]
+        for what, p in need:
+            if p is None:
+                raise ConfigError(f"TLS {what} path is required")
+            if not Path(p).is_file():
+                raise ConfigError(f"TLS {what} {str(p)!r} does not exist or is not a file")
+            if b"-----BEGIN " not in Path(p).read_bytes()[:4096]:
+                raise ConfigError(f"TLS {what} {str(p)!r} is not a PEM file")
+
+
+def superlink_command(host: str, port: int, database: Path, tls: TlsFiles | None) -> list[str]:
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", host,
+           "--port", str(port), "--database", str(database),
+           "--disable-runtime-dependency-installation"]
+    if tls is None:
+        return cmd + ["--insecure"]
+    tls.check(server=True)
+    return cmd + ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert),
+                  "--ssl-keyfile", str(tls.key)]
+
+
+def write_connection(flwr_home: Path, address: str, root_cert: Path | None) -> None:
+    """$FLWR_HOME/config.toml with one connection named CONNECTION (the default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    if root_cert is None:
+        lines.append("insecure = true")
+    else:
+        TlsFiles(root_cert).check(server=False)
+        lines.append(f'root-certificates = "{Path(root_cert).resolve()}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string is JSON-compatible
+
+
+def submit_run(app_dir: Path, flwr_home: Path, run_config: dict[str, Any],
+               federation_config: dict[str, Any] | None = None) -> int:
+    """`flwr run APP fedsight --run-config FILE --format json` -> Flower run id.
+    federation_config (simulation): e.g. {"num-supernodes": 3, "client-resources-num-cpus": 1}."""
+    cfg_file = flwr_home / "run-config.toml"
+    cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), CONNECTION,
+           "--run-config", str(cfg_file), "--format", "json"]
+    if federation_config:
+        cmd += ["--federation-config",
+                " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
+    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
+                          timeout=300, check=False)
+    try:
+        out = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise RunFailed(f"flwr run failed (exit {proc.returncode}): "
+                        f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+    if not out.get("success") or not out.get("run-id"):
+        raise RunFailed(f"flwr run refused the run: {out.get('error-message', out)}")
+    return int(out["run-id"])
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    cmd = [str(Path(sys.executable).parent / "flwr"), "ls", CONNECTION, "--run-id", str(run_id),
+           "--format", "json"]
+    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
+                          timeout=120, check=False)
+    try:
+        runs = json.loads(proc.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        raise RunFailed(f"flwr ls failed (exit {proc.returncode}): "
+                        f"{(proc.stdout + proc.stderr).strip()[-500:]}") from None
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def wait_run(flwr_home: Path, run_id: int, timeout: float, poll: float = 2.0) -> str:
+    """Poll until the run is finished; returns its status ('finished:completed' on success)."""
+    end = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < end:
+        status = run_status(flwr_home, run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll)
+    raise RunFailed(f"run {run_id} still {status or 'unknown'} after {timeout:.0f} s")
+
+
+def app_dir() -> Path:
+    """The Flower app folder (pyproject.toml with [tool.flwr.app]): the source checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise ConfigError(f"no pyproject.toml next to the installed packages ({root}); pass "
+                          "--app with the fedsight source folder")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RunFailed(f"SuperLink exited with code {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RunFailed(f"SuperLink not listening on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def pids_talking_to(port: int) -> list[int]:
+    """Our processes whose command line names 127.0.0.1:<port> (the SuperLink we started on a
+    private port): Flower starts flwr-serverapp/-simulation in their own session, outside the
+    SuperLink's process group."""
+    needle = f"127.0.0.1:{port}".encode()
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "cmdline").read_bytes() and d.stat().st_uid == os.getuid():
+                out.append(int(d.name))
+        except OSError:
+            continue  # exited meanwhile
+    return [p for p in out if p != os.getpid()]
+
+
+def stop_group(proc: subprocess.Popen, port: int | None = None, grace: float = 10.0) -> None:
+    """SIGTERM the process group we started (SuperLink + SuperExec + app processes) and the app
+    processes attached to our port, then SIGKILL what is left."""
+    stray = pids_talking_to(port) if port else []
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for pid in stray:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    for pid in pids_talking_to(port) if port else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_id: int
+    status: str
+    seconds: float
+
+
+def simulate(home: Path, run_config: dict[str, Any], num_nodes: int, cpus_per_node: float = 1.0,
+             timeout: float = 3600.0, app: Path | None = None) -> SimulationResult:
+    """Simulation runtime on our own SuperLink (a private port, never Flower's shared local
+    one), stopped afterwards: `flwr run` with num-supernodes virtual hospitals."""
+    home.mkdir(parents=True, exist_ok=True)
+    flwr_home, port = home / "flwr", free_port()
+    write_connection(flwr_home, f"127.0.0.1:{port}", None)
+    cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+           "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+           "--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
+    with (home / "superlink.log").open("w") as log:
+        proc = subprocess.Popen(cmd, env=process_env(flwr_home), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.monotonic()
+        try:
+            wait_listening(port, proc)
+            run_id = submit_run(app or app_dir(), flwr_home, run_config,
+                                {"num-supernodes": num_nodes,
+                                 "client-resources-num-cpus": cpus_per_node})
+            status = wait_run(flwr_home, run_id, timeout)
+        finally:
+            stop_group(proc, port)
+    return SimulationResult(run_id, status, time.monotonic() - t0)

@@ -1,0 +1,126 @@
+"""Run configuration of a federated run, parsed once where it enters (the ServerApp).
+
+Flower's run config (`[tool.flwr.app.config]` in pyproject.toml, `flwr run --run-config`) is a
+flat dict of scalars; `RunSettings.from_run_config` turns it into one frozen dataclass. Keys are
+Flower-style kebab-case; unknown keys are errors (a typo must not silently run the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vocab.errors import ConfigError
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+AggregationName = Literal["per-expert", "examples"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one federated run shares across hospitals (field name = key with '-' -> '_')."""
+
+    num_rounds: int = 3
+    # Server-side update rule: FedAvg, FedProx (clients add mu/2 ||w - w_global||^2) or FedAdam
+    # (server-side Adam on the aggregated pseudo-gradient).
+    strategy: StrategyName = "fedavg"
+    # "per-expert": each MoE expert averaged with the hospitals' token counts for that expert
+    # (unused experts keep the global copy), the rest by examples; "examples": plain FedAvg.
+    aggregation: AggregationName = "per-expert"
+    proximal_mu: float = 0.01  # FedProx only
+    server_lr: float = 0.1  # FedAdam eta
+    server_tau: float = 1e-3  # FedAdam tau (adaptivity)
+    # A round aggregates only if at least this many hospitals sent usable updates; fewer and the
+    # global model is kept (the round is recorded as failed, the run goes on).
+    min_hospitals: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 3600.0  # seconds to wait for replies before a round moves on
+    # Update screening: an update whose norm has robust z-score (median/MAD) above screen_z AND
+    # is more than screen_ratio x the median norm is left out (needs >= 3 updates to judge).
+    screen_z: float = 3.5
+    screen_ratio: float = 3.0
+    # Local training (sent to hospitals each round).
+    local_epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 16
+    # Rounds 1..stage1_rounds train each encoder with its own head (progressive alignment);
+    # later rounds train the fused model.
+    stage1_rounds: int = 1
+    # JSON objects of overrides for multimodal ModelConfig / TrainConfig (tests use tiny models).
+    model_json: str = "{}"
+    train_json: str = "{}"
+    seed: int = 0  # model init + hospitals' train/test split
+    # Model store folder (coordinator side); relative paths are relative to the SuperLink's cwd.
+    store_dir: str = "fedsight-store"
+    run_name: str = "fedsight"  # logical name of this training campaign (store metadata)
+    resume: bool = False  # continue the latest unfinished run in the store
+    # Simulation only: folder of site roots; virtual node i trains on the i-th site (sorted).
+    federation_dir: str = ""
+    cache_dir: str = ""  # hospital-side preprocessed cache root ("" = per-user default)
+    max_cases: int = 0  # hospital-side cap on cases used (0 = all); keeps tests small
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num-rounds must be >= 1, got {self.num_rounds!r}")
+        if self.strategy not in ("fedavg", "fedprox", "fedadam"):
+            raise ConfigError(f"strategy must be fedavg|fedprox|fedadam, got {self.strategy!r}")
+        if self.aggregation not in ("per-expert", "examples"):
+            raise ConfigError(
+                f"aggregation must be per-expert|examples, got {self.aggregation!r}"
+            )
+        if self.min_hospitals < 1:
+            raise ConfigError(f"min-hospitals must be >= 1, got {self.min_hospitals!r}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train!r}")
+        if self.screen_z <= 0 or self.screen_ratio < 1:
+            raise ConfigError(
+                f"screen-z must be > 0 and screen-ratio >= 1, got {self.screen_z!r}/"
+                f"{self.screen_ratio!r}"
+            )
+        for key in ("model_json", "train_json"):
+            self.json_overrides(key)
+
+    def json_overrides(self, key: str) -> dict[str, Any]:
+        text = getattr(self, key)
+        try:
+            value = json.loads(text or "{}")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key.replace('_', '-')} is not valid JSON ({e}): {text!r}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key.replace('_', '-')} must be a JSON object, got {text!r}")
+        return value
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kw: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = sorted(n.replace("_", "-") for n in fields)
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {known}")
+            kw[name] = _coerce(key, value, fields[name].type)
+        return cls(**kw)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check a TOML scalar against the field type (ints are accepted for floats)."""
+    ann = str(annotation)
+    if ann == "bool":
+        ok = isinstance(value, bool)
+    elif ann == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif ann == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:  # str and Literal[str, ...]
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"run-config {key!r} must be {ann}, got {type(value).__name__} "
+                          f"{value!r}")
+    return value

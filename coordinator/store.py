@@ -1,0 +1,227 @@
+"""Model store: every round's global model as a content-hashed, versioned artifact.
+
+Layout (documented for the clinician UI in coordinator/README.md):
+
+    <store>/versions/<version_id>/model.pt    multimodal.checkpoint format (weights + config)
+    <store>/versions/<version_id>/meta.json   round, run, config, parent, metrics, time, sha256
+    <store>/runs/<run_id>.json                one training campaign: rounds, status, versions
+    <store>/clinical.json                     the version clinicians get + promotion history
+
+version_id = "<seq:04d>-<first 12 hex of sha256(model.pt)>"; seq orders versions in the store.
+Writes go to a temporary folder first and are renamed into place, so a crash never leaves a
+half-written version that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vocab.errors import FedsightError
+
+META = "meta.json"
+MODEL = "model.pt"
+CLINICAL = "clinical.json"
+
+
+class StoreError(FedsightError):
+    """A model store operation was refused or the store is inconsistent (message says why)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{str(path)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{str(path)!r} is not valid JSON: {e}") from e
+
+
+@dataclass(frozen=True)
+class Version:
+    id: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL
+
+    def hospital_metrics(self) -> dict[str, dict[str, float | None]]:
+        return dict(self.meta.get("metrics", {}).get("hospitals", {}))
+
+
+@dataclass(frozen=True)
+class PromotionCheck:
+    ok: bool
+    reasons: tuple[str, ...]
+
+
+class ModelStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    # ---- versions ----
+    def add_version(self, write_model: Any, meta: Mapping[str, Any]) -> Version:
+        """Store a new version. `write_model(path)` writes model.pt; `meta` is completed with
+        id, seq, sha256 and created time."""
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".new-"))
+        write_model(tmp / MODEL)
+        digest = sha256_file(tmp / MODEL)
+        seq = self._next_seq()
+        vid = f"{seq:04d}-{digest[:12]}"
+        full = {**meta, "id": vid, "seq": seq, "sha256": digest,
+                "created": meta.get("created", time.time())}
+        _write_json(tmp / META, _json_safe(full))
+        final = self.versions_dir / vid
+        os.replace(tmp, final)
+        return Version(vid, final, full)
+
+    def _next_seq(self) -> int:
+        seqs = [v.meta.get("seq", 0) for v in self.list_versions()]
+        return max(seqs, default=0) + 1
+
+    def list_versions(self) -> list[Version]:
+        if not self.versions_dir.is_dir():
+            return []
+        out = []
+        for d in self.versions_dir.iterdir():
+            if d.is_dir() and not d.name.startswith(".") and (d / META).is_file():
+                out.append(Version(d.name, d, _read_json(d / META)))
+        return sorted(out, key=lambda v: v.meta.get("seq", 0))
+
+    def get(self, version_id: str) -> Version:
+        matches = [v for v in self.list_versions()
+                   if v.id == version_id or v.id.startswith(version_id)
+                   or v.id.split("-", 1)[-1].startswith(version_id)]
+        if len(matches) != 1:
+            known = [v.id for v in self.list_versions()][-10:]
+            what = "no" if not matches else "more than one"
+            raise StoreError(f"{what} version matches {version_id!r}; recent: {known}")
+        return matches[0]
+
+    def verify(self, version: Version) -> None:
+        """Raise StoreError if model.pt no longer has the recorded sha256."""
+        actual = sha256_file(version.model_path)
+        if actual != version.meta.get("sha256"):
+            raise StoreError(f"version {version.id}: model.pt sha256 {actual[:12]} does not "
+                             f"match meta.json {str(version.meta.get('sha256'))[:12]}")
+
+    # ---- runs (for resume and history) ----
+    def write_run(self, run: Mapping[str, Any]) -> None:
+        _write_json(self.root / "runs" / f"{run['run_id']}.json", _json_safe(dict(run)))
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        d = self.root / "runs"
+        runs = [_read_json(p) for p in d.glob("*.json")] if d.is_dir() else []
+        return sorted(runs, key=lambda r: r.get("started", 0))
+
+    def latest_unfinished_run(self) -> dict[str, Any] | None:
+        runs = [r for r in self.list_runs() if r.get("status") != "completed"]
+        return runs[-1] if runs else None
+
+    # ---- clinical pointer ----
+    def clinical(self) -> dict[str, Any]:
+        p = self.root / CLINICAL
+        return _read_json(p) if p.is_file() else {"version": None, "history": []}
+
+    def clinical_version(self) -> Version | None:
+        vid = self.clinical().get("version")
+        return self.get(vid) if vid else None
+
+    def check_promotion(self, candidate: Version, metric: str = "auc", margin: float = 0.02,
+                        higher_is_better: bool = True) -> PromotionCheck:
+        """Refuse a candidate worse than the clinical version at any hospital by > margin."""
+        current = self.clinical_version()
+        if current is None:
+            return PromotionCheck(True, ())
+        reasons = []
+        cand = candidate.hospital_metrics()
+        for hospital, cur_m in sorted(current.hospital_metrics().items()):
+            cur = cur_m.get(metric)
+            if cur is None or not math.isfinite(cur):
+                continue
+            new = (cand.get(hospital) or {}).get(metric)
+            if new is None or not math.isfinite(new):
+                reasons.append(f"hospital {hospital}: no {metric} for {candidate.id} "
+                               f"(clinical {current.id} has {cur:.3f})")
+                continue
+            worse = cur - new if higher_is_better else new - cur
+            if worse > margin:
+                reasons.append(f"hospital {hospital}: {metric} {new:.3f} vs clinical {cur:.3f} "
+                               f"({current.id}), worse by {worse:.3f} > margin {margin}")
+        return PromotionCheck(not reasons, tuple(reasons))
+
+    def promote(self, version_id: str, metric: str = "auc", margin: float = 0.02,
+                force: bool = False, note: str = "") -> Version:
+        cand = self.get(version_id)
+        self.verify(cand)
+        check = self.check_promotion(cand, metric, margin)
+        if not check.ok and not force:
+            raise StoreError(f"refusing to promote {cand.id}: " + "; ".join(check.reasons))
+        state = self.clinical()
+        history = list(state.get("history", []))
+        history.append({"version": cand.id, "action": "promote", "time": time.time(),
+                        "forced": bool(force and not check.ok), "note": note,
+                        "previous": state.get("version")})
+        _write_json(self.root / CLINICAL, {"version": cand.id, "history": history})
+        return cand
+
+    def rollback(self) -> Version:
+        """Point clinicians back at the version that was clinical before the current one."""
+        state = self.clinical()
+        history = list(state.get("history", []))
+        current = state.get("version")
+        if current is None:
+            raise StoreError("nothing to roll back: no version is clinical")
+        previous = next((h.get("previous") for h in reversed(history)
+                         if h.get("version") == current and h.get("action") == "promote"), None)
+        if previous is None:
+            raise StoreError(f"nothing to roll back to: {current} was the first clinical version")
+        target = self.get(previous)
+        self.verify(target)
+        history.append({"version": target.id, "action": "rollback", "time": time.time(),
+                        "previous": current})
+        _write_json(self.root / CLINICAL, {"version": target.id, "history": history})
+        return target
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x

@@ -1,0 +1,221 @@
+"""Flower strategies with update screening and per-expert aggregation (hooks only, no start()).
+
+`PerExpertFedAvg` subclasses Flower's FedAvg and overrides configure_train / aggregate_train /
+configure_evaluate / aggregate_evaluate. FedProx and FedAdam reuse Flower's own classes through
+the MRO: in `FedsightFedAdam(FedAdam, PerExpertFedAvg)` FedAdam's `super().aggregate_train` lands
+in ours, so the server-side Adam step runs on the screened, per-expert aggregate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from coordinator.aggregation import Update, aggregate, parse_expert_tokens, screen_updates
+from coordinator.journal import RoundRecord, pooled_means
+from coordinator.settings import RunSettings
+from vocab import fl_records as K
+
+# A child of Flower's logger: shows up wherever Flower logs (SuperLink, simulation console).
+log = logging.getLogger("flwr.fedsight")
+Identify = Callable[[Grid, list[int]], dict[int, str]]
+
+
+def record_bytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())
+
+
+def to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def from_numpy(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def _public_reason(msg: Message) -> str:
+    """The error of a failed reply, as far as it may be logged here. Our ClientApp only ever
+    sends sanitised reasons (see hospital_node.client_app); anything else is reduced to its code."""
+    reason = msg.error.reason or ""
+    if "fedsight-node:" in reason:
+        return reason[reason.index("fedsight-node:"):][:200].rstrip("'>")
+    return f"error code {msg.error.code}"
+
+
+class PerExpertFedAvg(FedAvg):
+    """FedAvg + screening + per-expert aggregation; fills `journal` with one record per round."""
+
+    def setup(self, settings: RunSettings, identify: Identify | None = None,
+              round_offset: int = 0) -> None:
+        """Configure after construction (FedOpt/FedProx constructors do not forward extras).
+
+        identify(grid, node_ids) -> {node_id: site_id} is asked about nodes not seen before
+        (a data-statistics query); unnamed nodes are logged as node-<id>.
+        """
+        self.settings = settings
+        self.identify = identify
+        self.hospitals: dict[int, str] = {}  # node id -> site id
+        self.round_offset = round_offset  # rounds done before this (resumed) run
+        self.journal: dict[int, RoundRecord] = {}
+        self._global: dict[str, np.ndarray] = {}
+        self.min_train_nodes = min(self.min_train_nodes, settings.min_hospitals)
+        self.min_evaluate_nodes = min(self.min_evaluate_nodes, settings.min_hospitals)
+
+    def name_of(self, node_id: int) -> str:
+        return self.hospitals.get(node_id, f"node-{node_id}")
+
+    def _round(self, server_round: int) -> RoundRecord:
+        r = self.round_offset + server_round
+        return self.journal.setdefault(r, RoundRecord(round=r, started=time.time()))
+
+    # ---- training ----
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        rec = self._round(server_round)
+        self._global = to_numpy(arrays)
+        stage = 1 if self.round_offset + server_round <= self.settings.stage1_rounds else 2
+        config[K.STAGE] = stage
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        unknown = [m.metadata.dst_node_id for m in messages
+                   if m.metadata.dst_node_id not in self.hospitals]
+        if unknown and self.identify is not None:
+            self.hospitals.update(self.identify(grid, unknown))
+        size = record_bytes(arrays)
+        for m in messages:
+            m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
+            rec.hospital(self.name_of(m.metadata.dst_node_id)).bytes_down += size
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rec = self._round(server_round)
+        valid, failed = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        for msg in failed:
+            h = rec.hospital(self.name_of(msg.metadata.src_node_id))
+            h.accepted, h.reason = False, f"reply failed: {_public_reason(msg)}"
+            log.warning("round %d: hospital %s left out: %s", rec.round,
+                        self.name_of(msg.metadata.src_node_id), h.reason)
+        updates: list[Update] = []
+        for msg in valid:
+            name = self.name_of(msg.metadata.src_node_id)
+            h = rec.hospital(name)
+            problem = self._reply_problem(msg)
+            if problem:
+                h.accepted, h.reason = False, problem
+                log.warning("round %d: hospital %s rejected: %s", rec.round, name, problem)
+                continue
+            arrays = msg.content[K.ARRAYS]
+            metrics = msg.content[K.METRICS]
+            h.bytes_up = record_bytes(arrays) + 8 * len(metrics)
+            h.num_examples = int(metrics[K.NUM_EXAMPLES])
+            h.train = {k: float(v) for k, v in metrics.items()
+                       if k in K.TRAIN_METRIC_KEYS and k != K.NUM_EXAMPLES}
+            updates.append(Update(name, to_numpy(arrays), h.num_examples,
+                                  parse_expert_tokens(metrics)))
+        verdicts = screen_updates(updates, self._global, self.settings.screen_z,
+                                  self.settings.screen_ratio)
+        for v in verdicts:
+            h = rec.hospital(v.hospital)
+            h.accepted, h.reason, h.update_norm = v.accepted, v.reason, v.norm
+            if not v.accepted:
+                log.warning("round %d: hospital %s update left out: %s", rec.round, v.hospital,
+                            v.reason)
+        accepted = [u for u, v in zip(updates, verdicts, strict=True) if v.accepted]
+        if len(accepted) < self.settings.min_hospitals:
+            rec.status = "too-few-hospitals"
+            log.warning("round %d: %d usable updates < min-hospitals %d; global model kept",
+                        rec.round, len(accepted), self.settings.min_hospitals)
+            return None, None
+        per_expert = self.settings.aggregation == "per-expert"
+        new = aggregate(accepted, self._global, per_expert=per_expert)
+        rec.status = "aggregated"
+        n = sum(u.num_examples for u in accepted)
+        metrics = MetricRecord({"hospitals": len(accepted), K.NUM_EXAMPLES: n})
+        losses = [(rec.hospitals[u.hospital].train.get(K.TRAIN_LOSS, math.nan), u.num_examples)
+                  for u in accepted]
+        finite = [(v, w) for v, w in losses if math.isfinite(v)]
+        if finite:
+            metrics[K.TRAIN_LOSS] = sum(v * w for v, w in finite) / sum(w for _, w in finite)
+        return from_numpy(new), metrics
+
+    def _reply_problem(self, msg: Message) -> str:
+        content = msg.content
+        if K.ARRAYS not in content.array_records or K.METRICS not in content.metric_records:
+            return "reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord"
+        metrics = content[K.METRICS]
+        if K.NUM_EXAMPLES not in metrics:
+            return "reply metrics lack num-examples"
+        bad = [k for k, v in metrics.items()
+               if isinstance(v, list) or not math.isfinite(float(v))]
+        if bad:
+            return f"non-finite or non-scalar metric(s) {sorted(bad)[:3]}"
+        return ""
+
+    # ---- evaluation ----
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        rec = self._round(server_round)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        size = record_bytes(arrays)
+        for m in messages:
+            m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
+            rec.hospital(self.name_of(m.metadata.dst_node_id)).bytes_down += size
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        rec = self._round(server_round)
+        valid, failed = self._check_and_log_replies(list(replies), is_train=False,
+                                                    validate=False)
+        for msg in failed:
+            log.warning("round %d: hospital %s evaluation failed: %s", rec.round,
+                        self.name_of(msg.metadata.src_node_id), _public_reason(msg))
+        per_hospital: dict[str, dict[str, float]] = {}
+        for msg in valid:
+            if K.METRICS not in msg.content.metric_records:
+                continue
+            m = {k: float(v) for k, v in msg.content[K.METRICS].items()
+                 if k in K.EVAL_METRIC_KEYS and not isinstance(v, list)}
+            m.pop(K.NUM_EXAMPLES, None)
+            name = self.name_of(msg.metadata.src_node_id)
+            rec.hospital(name).eval = m
+            per_hospital[name] = m
+        rec.pooled = pooled_means(per_hospital, weight_key=K.N_EVAL)
+        rec.finished = time.time()
+        if not per_hospital:
+            return None
+        return MetricRecord({k: v for k, v in rec.pooled.items() if math.isfinite(v)})
+
+
+class FedsightFedProx(FedProx, PerExpertFedAvg):
+    """FedProx (clients get `proximal-mu`) on top of screening + per-expert aggregation."""
+
+
+class FedsightFedAdam(FedAdam, PerExpertFedAvg):
+    """Server-side Adam on the screened, per-expert aggregate."""
+
+
+def build_strategy(settings: RunSettings, identify: Identify | None = None,
+                   round_offset: int = 0) -> PerExpertFedAvg:
+    """The strategy named by `settings.strategy`, configured (unknown names are ConfigErrors
+    raised by RunSettings already)."""
+    common = dict(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
+                  min_train_nodes=settings.min_hospitals,
+                  min_evaluate_nodes=settings.min_hospitals,
+                  min_available_nodes=settings.min_hospitals)
+    strategy: PerExpertFedAvg
+    if settings.strategy == "fedprox":
+        strategy = FedsightFedProx(proximal_mu=settings.proximal_mu, **common)
+    elif settings.strategy == "fedadam":
+        strategy = FedsightFedAdam(eta=settings.server_lr, tau=settings.server_tau, **common)
+    else:
+        strategy = PerExpertFedAvg(**common)
+    strategy.setup(settings, identify, round_offset)
+    return strategy

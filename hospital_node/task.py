@@ -1,0 +1,226 @@
+"""What a hospital does for the federation, with no Flower types: find its data, train locally
+from the global weights, evaluate on its held-out split, report data statistics.
+
+Everything returned here is meant to leave the hospital: weights, counts and aggregate metrics
+only (vocab.fl_records lists the keys). Case ids stay inside: they are used only to pick the fixed
+train/test split (hospital_node.splits).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vocab import fl_records as K
+from vocab.errors import ConfigError, DataError
+
+# Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
+DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
+NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, "partition-id", "num-partitions"})
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """This hospital's own configuration (parsed once from Flower's node config)."""
+
+    data_dir: Path
+    site_id: str = ""  # "" = take it from site.json / the folder name
+    cache_dir: Path | None = None
+
+    @classmethod
+    def from_configs(cls, node_config: dict[str, Any], run_config: dict[str, Any]
+                     ) -> NodeSettings:
+        unknown = sorted(set(node_config) - NODE_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown node-config key(s) {unknown}; known: {sorted(NODE_KEYS)}")
+        cache = node_config.get(CACHE_DIR) or run_config.get("cache-dir") or ""
+        if DATA_DIR in node_config:
+            data = Path(str(node_config[DATA_DIR]))
+        elif "partition-id" in node_config:  # simulation: the i-th site of the federation folder
+            data = site_of_partition(str(run_config.get("federation-dir", "")),
+                                     int(node_config["partition-id"]))
+        else:
+            raise ConfigError(f"node config needs {DATA_DIR!r} (the site data root)")
+        if cache and "partition-id" in node_config and CACHE_DIR not in node_config:
+            cache = str(Path(cache) / data.name)  # one cache per simulated site
+        return cls(data, str(node_config.get(SITE_ID_KEY, "")), Path(cache) if cache else None)
+
+
+def site_of_partition(federation_dir: str, partition_id: int) -> Path:
+    if not federation_dir:
+        raise ConfigError("simulation needs run config 'federation-dir' (folder of site roots)")
+    root = Path(federation_dir)
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    if not 0 <= partition_id < len(sites):
+        raise ConfigError(f"partition-id {partition_id} but {root} has {len(sites)} site folders")
+    return sites[partition_id]
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The coordinator's per-round instructions (ConfigRecord 'config')."""
+
+    server_round: int = 0
+    stage: int = 2
+    local_epochs: int = 1
+    lr: float = 2e-3
+    batch_size: int = 16
+    model_json: str = "{}"
+    train_json: str = "{}"
+    seed: int = 0
+    max_cases: int = 0
+    proximal_mu: float = 0.0
+
+    @classmethod
+    def from_record(cls, config: dict[str, Any]) -> RoundConfig:
+        names = {K.SERVER_ROUND: "server_round", K.STAGE: "stage",
+                 K.LOCAL_EPOCHS: "local_epochs", K.LR: "lr", K.BATCH_SIZE: "batch_size",
+                 K.MODEL_JSON: "model_json", K.TRAIN_JSON: "train_json", K.SEED: "seed",
+                 K.MAX_CASES: "max_cases", K.PROXIMAL_MU: "proximal_mu"}
+        unknown = sorted(set(config) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown round config key(s) {unknown}; known: {sorted(names)}")
+        kw = {names[k]: v for k, v in config.items()}
+        for key in ("lr", "proximal_mu"):
+            if key in kw:
+                kw[key] = float(kw[key])
+        return cls(**kw)
+
+    def model_config(self) -> Any:
+        from multimodal.config import ModelConfig
+
+        return ModelConfig.from_dict(_json_object(self.model_json, "model-json"))
+
+    def train_config(self) -> Any:
+        from multimodal.config import TrainConfig
+
+        base = TrainConfig.from_dict(_json_object(self.train_json, "train-json"))
+        return base.replace(epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size,
+                            seed=self.seed * 1000 + self.server_round,
+                            fedprox_mu=self.proximal_mu or base.fedprox_mu)
+
+
+def _json_object(text: str, key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a JSON object, got {text!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=4)
+def _load(data_dir: Path, inputs: Any, cache_dir: Path | None) -> Any:
+    """One load per process and site (simulation reuses worker processes across rounds)."""
+    from hospital_node.dataset import load_site
+
+    return load_site(data_dir, inputs, cache_dir)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    site_id: str
+    train: list[Any]  # PreparedCase, labelled, split "train"
+    test: list[Any]  # PreparedCase, labelled, split "test"
+    summary: dict[str, int]  # counts only
+
+
+def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0) -> SiteData:
+    from hospital_node.splits import split_of
+
+    site = _load(node.data_dir, inputs, node.cache_dir)
+    cases = sorted((c for c in site.cases if c.label is not None), key=lambda c: c.case_id)
+    if max_cases > 0:
+        cases = cases[:max_cases]
+    train = [c for c in cases if split_of(c.case_id, seed) == "train"]
+    test = [c for c in cases if split_of(c.case_id, seed) == "test"]
+    summary = {
+        "cases-total": len(site.report.cases), "cases-usable": site.report.n_usable,
+        "cases-excluded": len(site.report.cases) - site.report.n_usable,
+        "cases-train": len(train), "cases-test": len(test),
+        "positives-train": sum(c.label == 1 for c in train),
+        "positives-test": sum(c.label == 1 for c in test),
+        "with-ct": sum(c.ct is not None for c in cases),
+        "with-path": sum(c.path is not None for c in cases),
+        "with-ehr": sum(c.ehr is not None for c in cases),
+    }
+    return SiteData(node.site_id or site.site_id, train, test, summary)
+
+
+def _model(cfg: RoundConfig, state: dict[str, Any]) -> Any:
+    from multimodal.model import FedsightModel
+
+    model = FedsightModel(cfg.model_config())
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state: dict[str, Any]  # torch state_dict after local training
+    metrics: dict[str, float]  # whitelisted keys only (vocab.fl_records)
+    global_step: int  # optimiser steps so far at this node (router-noise anneal)
+
+
+def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_step: int = 0
+          ) -> TrainOutcome:
+    from multimodal.train import train_local
+
+    model = _model(cfg, state)
+    data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases)
+    if not data.train:
+        raise DataError("no labelled training case at this site")
+    global_state = {k: v.detach().clone() for k, v in state.items()} \
+        if cfg.proximal_mu > 0 else None
+    result = train_local(model, data.train, cfg.train_config(), global_state=global_state,
+                         stage=cfg.stage, start_step=start_step)
+    last = result.history[-1] if result.history else {}
+    metrics: dict[str, float] = {
+        K.NUM_EXAMPLES: float(result.n_examples),
+        K.TRAIN_LOSS: float(last.get("loss", math.nan)),
+        K.TRAIN_SECONDS: float(result.seconds),
+    }
+    if result.expert_counts is not None:
+        for (layer, expert), count in _cells(result.expert_counts.tolist()):
+            metrics[f"{K.EXPERT_TOKENS_PREFIX}.{layer}.{expert}"] = float(count)
+    return TrainOutcome(model.state_dict(), metrics, result.global_step)
+
+
+def _cells(rows: list[list[float]]) -> list[tuple[tuple[int, int], float]]:
+    return [((i, j), v) for i, row in enumerate(rows) for j, v in enumerate(row)]
+
+
+def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]) -> dict[str, float]:
+    """Held-out loss / AUC / accuracy of the global model at this site (NaN when undefined)."""
+    import torch
+    import torch.nn.functional as F
+
+    from multimodal.evaluate import predict_logits
+    from multimodal.metrics import auc, threshold_metrics
+
+    model = _model(cfg, state)
+    data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases)
+    n = len(data.test)
+    out = {K.NUM_EXAMPLES: float(n), K.N_EVAL: float(n), K.LOSS: math.nan, K.AUC: math.nan,
+           K.ACCURACY: math.nan}
+    if n == 0:
+        return out
+    logits, labels = predict_logits(model, data.test)
+    prob = torch.sigmoid(logits).numpy()
+    y = labels.numpy()
+    out[K.LOSS] = float(F.binary_cross_entropy_with_logits(logits, labels))
+    out[K.AUC] = auc(y, prob)
+    out[K.ACCURACY] = threshold_metrics(y, prob, 0.5)["accuracy"]
+    return out
+
+
+def statistics(node: NodeSettings, cfg: RoundConfig) -> tuple[str, dict[str, float]]:
+    """(site id, counts) for the coordinator's data-statistics query."""
+    inputs = cfg.model_config().inputs  # same grid as training: the loaded site is reused
+    data = site_data(node, inputs, cfg.seed, cfg.max_cases)
+    return data.site_id, {k: float(v) for k, v in data.summary.items()}

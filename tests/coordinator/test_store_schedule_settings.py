@@ -1,0 +1,127 @@
+"""Model store (versions, promote/rollback), schedule (cron, lock, history), run settings."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from coordinator.schedule import CronRule, RunLock, ScheduleBusy, Scheduler
+from coordinator.settings import RunSettings
+from coordinator.store import ModelStore, StoreError
+from vocab.errors import ConfigError
+
+
+def add(store: ModelStore, payload: bytes, auc: dict[str, float], rnd: int = 1):
+    meta = {"round": rnd, "run_id": "r", "metrics": {
+        "hospitals": {h: {"auc": v, "n": 10} for h, v in auc.items()}, "pooled": {}}}
+    return store.add_version(lambda p: p.write_bytes(payload), meta)
+
+
+def test_versions_are_content_hashed_and_ordered(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    v1 = add(store, b"one", {"a": 0.8})
+    v2 = add(store, b"two", {"a": 0.8}, rnd=2)
+    assert v1.id.startswith("0001-") and v2.id.startswith("0002-")
+    assert v1.meta["sha256"].startswith(v1.id.split("-")[1])
+    assert [v.id for v in store.list_versions()] == [v1.id, v2.id]
+    assert store.get(v2.id[:4]).id == v2.id  # unique prefix
+    store.verify(v1)
+    (v1.path / "model.pt").write_bytes(b"tampered")
+    with pytest.raises(StoreError, match="does not match"):
+        store.verify(v1)
+    assert not list(tmp_path.glob("versions/.new-*"))  # no half-written versions left
+
+
+def test_promotion_refuses_a_worse_hospital_and_says_which(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    good = add(store, b"good", {"a": 0.80, "b": 0.90})
+    worse_b = add(store, b"worse", {"a": 0.85, "b": 0.80})
+    fine = add(store, b"fine", {"a": 0.79, "b": 0.91})
+    store.promote(good.id)
+    with pytest.raises(StoreError, match=r"hospital b: auc 0.800 vs clinical 0.900"):
+        store.promote(worse_b.id, margin=0.02)
+    assert store.clinical()["version"] == good.id
+    store.promote(fine.id, margin=0.02)  # a within the margin
+    assert store.rollback().id == good.id
+    with pytest.raises(StoreError, match="nothing to roll back"):
+        store.rollback()
+    store.promote(worse_b.id, force=True)
+    assert store.clinical()["history"][-1]["forced"] is True
+
+
+def test_settings_reject_unknown_keys_and_bad_types() -> None:
+    s = RunSettings.from_run_config({"num-rounds": 2, "lr": 1, "strategy": "fedadam"})
+    assert s.num_rounds == 2 and s.lr == 1.0 and s.strategy == "fedadam"
+    with pytest.raises(ConfigError, match="unknown run-config key 'num-round'"):
+        RunSettings.from_run_config({"num-round": 2})
+    with pytest.raises(ConfigError, match="'num-rounds' must be int"):
+        RunSettings.from_run_config({"num-rounds": "2"})
+    with pytest.raises(ConfigError, match="strategy must be"):
+        RunSettings.from_run_config({"strategy": "krum"})
+    with pytest.raises(ConfigError, match="model-json is not valid JSON"):
+        RunSettings.from_run_config({"model-json": "{nope"})
+
+
+def test_cron_rule_monthly_default() -> None:
+    rule = CronRule.parse("0 2 1 * *")
+    assert rule.next_after(datetime(2026, 1, 15, 9, 0)) == datetime(2026, 2, 1, 2, 0)
+    assert rule.next_after(datetime(2026, 12, 1, 2, 0)) == datetime(2027, 1, 1, 2, 0)
+    assert CronRule.parse("*/15 * * * 1-5").next_after(datetime(2026, 3, 7, 10, 1)) == \
+        datetime(2026, 3, 9, 0, 0)  # Saturday -> Monday 00:00
+    for bad in ("0 2 1 *", "0 25 * * *", "x 2 1 * *"):
+        with pytest.raises(ConfigError):
+            CronRule.parse(bad)
+
+
+class FakeClock:
+    def __init__(self, t: datetime) -> None:
+        self.t = t
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+def test_scheduler_runs_when_due_once_and_records_history(tmp_path: Path) -> None:
+    clock = FakeClock(datetime(2026, 1, 20, 12, 0))
+    runs: list[datetime] = []
+
+    def job() -> int:
+        runs.append(clock.t)
+        clock.t += timedelta(hours=1)  # a run takes an hour
+        return 0
+
+    sched = Scheduler(CronRule.parse("0 2 1 * *"), tmp_path, job, clock=clock)
+    assert sched.tick() is None  # not due before Feb 1st 02:00
+    clock.t = datetime(2026, 2, 1, 2, 0)
+    entry = sched.tick()
+    assert entry is not None and entry["status"] == "completed"
+    assert sched.tick() is None  # same slot never runs twice
+    clock.t = datetime(2026, 5, 3, 0, 0)  # scheduler was down for March and April
+    assert sched.tick()["due"] == "2026-05-01T02:00:00"  # catches up once, with the latest
+    assert sched.tick() is None
+    assert [h["status"] for h in sched.history()] == ["completed", "completed"]
+    assert len(runs) == 2
+
+
+def test_scheduler_never_starts_two_runs(tmp_path: Path) -> None:
+    clock = FakeClock(datetime(2026, 2, 1, 2, 0))
+    sched = Scheduler(CronRule.parse("0 2 1 * *"), tmp_path, lambda: 0, clock=clock,
+                      since=datetime(2026, 1, 1))
+    lock = RunLock(tmp_path / "run.lock")
+    lock.acquire()  # another run (this very process) is in progress
+    try:
+        entry = sched.tick()
+        assert entry["status"] == "skipped-busy" and str(os.getpid()) in entry["reason"]
+    finally:
+        lock.release()
+    with pytest.raises(ScheduleBusy), RunLock(tmp_path / "x.lock"):
+        RunLock(tmp_path / "x.lock").acquire()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    (tmp_path / "run.lock").write_text("999999999")
+    with RunLock(tmp_path / "run.lock"):
+        assert (tmp_path / "run.lock").read_text() == str(os.getpid())
