@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from coordinator.settings import RunSettings
 from coordinator.store import ModelStore, Version
 from coordinator.strategy import PerExpertFedAvg, build_strategy, record_bytes
-from vocab import fl_records as K
+from vocab import records as K
 from vocab.errors import ConfigError
 
 log = logging.getLogger("flwr.fedsight")

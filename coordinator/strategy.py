@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from coordinator.aggregation import Update, aggregate, parse_expert_tokens, screen_updates
 from coordinator.journal import RoundRecord, pooled_means
 from coordinator.settings import RunSettings
-from vocab import fl_records as K
+from vocab import records as K
 
 # A child of Flower's logger: shows up wherever Flower logs (SuperLink, simulation console).
 log = logging.getLogger("flwr.fedsight")

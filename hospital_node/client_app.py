@@ -1,6 +1,6 @@
 """Flower ClientApp of a hospital node: Message in -> hospital_node.task -> Message out.
 
-Replies carry only the model arrays and whitelisted aggregate metrics (vocab.fl_records). A
+Replies carry only the model arrays and whitelisted aggregate metrics (vocab.records). A
 failure is logged here in full (inside the hospital) and re-raised with its exception type only,
 because Flower sends str(exception) to the coordinator and messages may name local files.
 """
@@ -26,7 +26,7 @@ from flwr.app import (  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from hospital_node import task  # noqa: E402
-from vocab import fl_records as K  # noqa: E402
+from vocab import records as K  # noqa: E402
 
 log = logging.getLogger("flwr.fedsight.node")
 STATE_KEY = "fedsight-node"  # context.state ConfigRecord: node-local, never sent

@@ -2,7 +2,7 @@
 from the global weights, evaluate on its held-out split, report data statistics.
 
 Everything returned here is meant to leave the hospital: weights, counts and aggregate metrics
-only (vocab.fl_records lists the keys). Case ids stay inside: they are used only to pick the fixed
+only (vocab.records lists the keys). Case ids stay inside: they are used only to pick the fixed
 train/test split (hospital_node.splits).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vocab import fl_records as K
+from vocab import records as K
 from vocab.errors import ConfigError, DataError
 
 # Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
@@ -163,7 +163,7 @@ def _model(cfg: RoundConfig, state: dict[str, Any]) -> Any:
 @dataclass(frozen=True)
 class TrainOutcome:
     state: dict[str, Any]  # torch state_dict after local training
-    metrics: dict[str, float]  # whitelisted keys only (vocab.fl_records)
+    metrics: dict[str, float]  # whitelisted keys only (vocab.records)
     global_step: int  # optimiser steps so far at this node (router-noise anneal)
 
 

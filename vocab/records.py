@@ -1,13 +1,63 @@
-"""Keys of the Flower messages exchanged between coordinator and hospital nodes.
+"""Every key of the Flower messages between coordinator and hospital nodes.
 
-Only these keys may appear in a message; values are arrays or aggregate numbers, never case ids,
-file names, DICOM tag values or raw patient values (DESIGN.md invariant 1).
+The wire contract, in one place, for both sides (they never import each other). Hospital replies
+may carry only the model arrays and numbers under the metric keys below (aggregates and counts),
+never case ids, file names, DICOM tag values or raw patient values (DESIGN.md invariant 1).
+A test inspects every outgoing record against this whitelist.
 """
 
+from __future__ import annotations
+
+import re
 from typing import Final
 
-ARRAYS: Final = "arrays"          # ArrayRecord: model state_dict
-METRICS: Final = "metrics"        # MetricRecord: aggregates only
-CONFIG: Final = "config"          # ConfigRecord: per-round values from the strategy
+ARRAYS: Final = "arrays"  # ArrayRecord: model state_dict
+METRICS: Final = "metrics"  # MetricRecord: aggregates only
+CONFIG: Final = "config"  # ConfigRecord: per-round values from the strategy
 NUM_EXAMPLES: Final = "num-examples"
 EXPERT_TOKENS_PREFIX: Final = "expert-tokens"  # f"{prefix}.{layer}.{expert}" -> token count
+
+# ---- coordinator -> hospital: ConfigRecord "config" ----
+SERVER_ROUND: Final = "server-round"  # set by Flower's FedAvg
+PROXIMAL_MU: Final = "proximal-mu"  # set by Flower's FedProx
+STAGE: Final = "stage"  # 1: encoders with own heads, 2: fused model
+LOCAL_EPOCHS: Final = "local-epochs"
+LR: Final = "lr"
+BATCH_SIZE: Final = "batch-size"
+MODEL_JSON: Final = "model-json"  # ModelConfig as JSON (the architecture of the arrays sent)
+TRAIN_JSON: Final = "train-json"  # TrainConfig overrides as JSON
+SEED: Final = "seed"  # split seed + local training seed
+MAX_CASES: Final = "max-cases"
+
+# ---- hospital -> coordinator: MetricRecord "metrics" (train and evaluate replies) ----
+TRAIN_LOSS: Final = "train-loss"
+TRAIN_SECONDS: Final = "train-seconds"
+LOSS: Final = "loss"  # held-out binary cross-entropy of the fused head
+AUC: Final = "auc"  # NaN when the held-out split has one class only
+ACCURACY: Final = "accuracy"
+N_EVAL: Final = "n"  # held-out cases evaluated (= num-examples of an evaluate reply)
+TRAIN_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS})
+EVAL_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, LOSS, AUC, ACCURACY, N_EVAL})
+
+# ---- query "data statistics": ConfigRecord "site" {"site-id"} + MetricRecord "metrics" ----
+SITE: Final = "site"
+SITE_ID: Final = "site-id"
+QUERY_METRIC_KEYS: Final = frozenset({
+    "cases-total", "cases-usable", "cases-excluded", "cases-train", "cases-test",
+    "positives-train", "positives-test", "with-ct", "with-path", "with-ehr",
+})
+
+_EXPERT_KEY = re.compile(re.escape(EXPERT_TOKENS_PREFIX) + r"\.\d+\.\d+")
+# Site ids are hospital names chosen by hospital IT (site.json / node config), never patient data.
+SITE_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_allowed_metric(key: str, kind: str) -> bool:
+    """Is `key` a whitelisted metric key for a reply of `kind` (train|evaluate|query)?"""
+    if kind == "train":
+        return key in TRAIN_METRIC_KEYS or bool(_EXPERT_KEY.fullmatch(key))
+    if kind == "evaluate":
+        return key in EVAL_METRIC_KEYS
+    if kind == "query":
+        return key in QUERY_METRIC_KEYS
+    raise ValueError(f"unknown reply kind {kind!r}; expected train|evaluate|query")

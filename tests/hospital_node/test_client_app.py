@@ -11,7 +11,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from vocab import fl_records as K
+from vocab import records as K
 
 TINY = {"d_model": 16, "n_heads": 2, "n_blocks": 1, "n_experts": 4, "top_k": 2,
         "expert_hidden": 16, "ct_channels": [8], "ehr_hidden": 8,

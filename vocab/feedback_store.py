@@ -1,0 +1,132 @@
+"""Clinician feedback at a hospital: one SQLite file, `<site root>/feedback.db` (stdlib only).
+
+The clinician app writes it (agree / disagree / corrected diagnosis + comment); the hospital node
+reads it next round as training labels (`FeedbackStore.labels()`). It never leaves the hospital.
+A connection is opened per call, so the store is safe to share between server threads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal
+
+from vocab.errors import DataError
+from vocab.site_layout import FEEDBACK_DB
+
+Verdict = Literal["agree", "disagree"]
+VERDICTS: Final = ("agree", "disagree")
+SCHEMA_VERSION: Final = 1
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_utc TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    probability REAL NOT NULL,
+    decision INTEGER NOT NULL CHECK (decision IN (0, 1)),
+    verdict TEXT NOT NULL CHECK (verdict IN ('agree', 'disagree')),
+    corrected_label INTEGER CHECK (corrected_label IN (0, 1)),
+    comment TEXT NOT NULL DEFAULT '',
+    user TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS feedback_case ON feedback (case_id);
+"""
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One clinician judgement of one diagnosis.
+
+    decision: the model's decision shown (1 = malignant); corrected_label: the clinician's
+    diagnosis when it differs (required with "disagree"), None with "agree".
+    """
+
+    case_id: str
+    model_version: str
+    probability: float
+    decision: int
+    verdict: Verdict
+    corrected_label: int | None = None
+    comment: str = ""
+    user: str = ""
+    created_utc: str = ""
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise DataError(f"feedback verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if self.decision not in (0, 1):
+            raise DataError(f"feedback decision must be 0 or 1, got {self.decision!r}")
+        if self.corrected_label not in (None, 0, 1):
+            raise DataError(f"corrected label must be 0, 1 or empty, got "
+                            f"{self.corrected_label!r}")
+        if self.verdict == "disagree" and self.corrected_label is None:
+            raise DataError("a 'disagree' needs the corrected diagnosis (0 benign / 1 malignant)")
+        if self.verdict == "agree" and self.corrected_label not in (None, self.decision):
+            raise DataError(f"'agree' with decision {self.decision} but corrected label "
+                            f"{self.corrected_label}: choose 'disagree' instead")
+        if not 0.0 <= self.probability <= 1.0:
+            raise DataError(f"feedback probability must be in [0, 1], got {self.probability!r}")
+
+    @property
+    def label(self) -> int:
+        """The diagnosis this feedback asserts (the training label it implies)."""
+        return self.decision if self.corrected_label is None else self.corrected_label
+
+
+class FeedbackStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def at_site(cls, root: Path) -> FeedbackStore:
+        return cls(Path(root) / FEEDBACK_DB)
+
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(self.path)
+        con = sqlite3.connect(self.path, timeout=10)
+        if create:
+            con.executescript(_DDL)
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return con
+
+    def add(self, fb: Feedback) -> int:
+        created = fb.created_utc or datetime.now(UTC).isoformat(timespec="seconds")
+        con = self._connect(create=True)
+        try:
+            with con:
+                cur = con.execute(
+                    "INSERT INTO feedback (created_utc, case_id, model_version, probability, "
+                    "decision, verdict, corrected_label, comment, user) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (created, fb.case_id, fb.model_version, fb.probability, fb.decision,
+                     fb.verdict, fb.corrected_label, fb.comment, fb.user))
+            return int(cur.lastrowid or 0)
+        finally:
+            con.close()
+
+    def all(self) -> list[Feedback]:
+        """Every feedback row, oldest first ([] when the store does not exist yet)."""
+        try:
+            con = self._connect(create=False)
+        except FileNotFoundError:
+            return []
+        try:
+            rows = con.execute(
+                "SELECT case_id, model_version, probability, decision, verdict, "
+                "corrected_label, comment, user, created_utc, id FROM feedback ORDER BY id"
+            ).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"feedback store {self.path} is unreadable: {e}") from e
+        finally:
+            con.close()
+        return [Feedback(*r) for r in rows]
+
+    def labels(self) -> dict[str, int]:
+        """case_id -> label asserted by the latest feedback on that case (training labels)."""
+        return {fb.case_id: fb.label for fb in self.all()}
