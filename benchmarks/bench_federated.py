@@ -66,13 +66,13 @@ def site_split(fed: Path, model_cfg: Any, seed: int) -> dict[str, Any]:
 
 def fit_and_score(model_cfg: Any, train_cases: list, tests: dict[str, list], epochs: int,
                   stage1: int, seed: int) -> dict[str, dict[str, float]]:
+    import torch
+
     from multimodal.config import TrainConfig
     from multimodal.evaluate import predict_logits
     from multimodal.metrics import auc, threshold_metrics
     from multimodal.model import build_model
     from multimodal.train import train_local
-
-    import torch
 
     model = build_model(model_cfg, seed=seed)
     train_local(model, train_cases, TrainConfig(epochs=epochs, stage1_epochs=stage1, seed=seed))
