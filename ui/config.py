@@ -1,0 +1,84 @@
+"""App settings and the users who may log in (parsed once, at the edge; frozen).
+
+Users come from a file (one `name:secret` per line, `#` comments) or the environment variable
+FEDSIGHT_UI_USERS (`name:secret,name2:secret2`). A secret is either `pbkdf2_sha256$<iterations>$
+<salt hex>$<hash hex>` (see `hash_password`) or, for demos only, a plain password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from vocab.errors import ConfigError
+
+USERS_ENV: Final = "FEDSIGHT_UI_USERS"
+_PBKDF2: Final = "pbkdf2_sha256"
+
+
+def hash_password(password: str, iterations: int = 200_000) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return f"{_PBKDF2}${iterations}${salt.hex()}${digest.hex()}"
+
+
+def check_password(secret: str, password: str) -> bool:
+    if secret.startswith(_PBKDF2 + "$"):
+        _, it, salt, digest = secret.split("$")
+        got = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt), int(it))
+        return hmac.compare_digest(got.hex(), digest)
+    return hmac.compare_digest(secret.encode(), password.encode())
+
+
+def parse_users(text: str, source: str) -> dict[str, str]:
+    users: dict[str, str] = {}
+    for n, line in enumerate(text.replace(",", "\n").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, secret = line.partition(":")
+        if not sep or not name.strip() or not secret:
+            raise ConfigError(f"{source}: entry {n} is not 'name:secret'")
+        users[name.strip()] = secret
+    return users
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    """host/port: where the server listens (127.0.0.1 unless hospital IT opens it up).
+    users: name -> secret; empty = no login (only allowed on 127.0.0.1, for tests and demos).
+    max_file_size: per uploaded file (Gradio enforces it before our code runs).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    users: tuple[tuple[str, str], ...] = ()
+    max_file_size: str = "200mb"
+    title: str = "fedsight — diagnosis"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be 0..65535, got {self.port!r}")
+        if not self.users and self.host not in ("127.0.0.1", "localhost"):
+            raise ConfigError(f"refusing to serve on {self.host!r} without users: pass --users "
+                              f"or set {USERS_ENV}")
+
+    def authenticate(self, name: str, password: str) -> bool:
+        secret = dict(self.users).get(name)
+        return secret is not None and check_password(secret, password)
+
+    @staticmethod
+    def load_users(path: Path | None) -> tuple[tuple[str, str], ...]:
+        if path is not None:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"users file {str(path)!r} is unreadable: {e}") from e
+            return tuple(sorted(parse_users(text, str(path)).items()))
+        env = os.environ.get(USERS_ENV, "")
+        return tuple(sorted(parse_users(env, USERS_ENV).items())) if env else ()

@@ -1,0 +1,62 @@
+"""Which model the app serves: the promoted version of a coordinator model store, one stored
+version, or a bare checkpoint file (a locally trained model) - with its validation metrics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.store import CLINICAL, META, MODEL, ModelStore
+from multimodal.checkpoint import load_checkpoint
+from multimodal.model import FedsightModel
+from vocab.errors import CheckpointError
+
+
+@dataclass
+class ServedModel:
+    model: FedsightModel
+    version: str  # store version id, or "file:<name>" for a bare checkpoint
+    round: int | None = None
+    # This hospital's validation metrics for the version (name -> value), if the store has them.
+    site_metrics: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+
+
+def _numbers(d: Any) -> dict[str, float]:
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): float(v) for k, v in d.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def load_served_model(path: Path, site_id: str) -> ServedModel:
+    """`path`: a store root (has clinical.json), a version folder (model.pt + meta.json) or a
+    checkpoint file. Raises CheckpointError naming the path when nothing servable is there."""
+    path = Path(path)
+    if path.is_dir() and (path / CLINICAL).is_file():
+        store = ModelStore(path)
+        version = store.clinical_version()
+        if version is None:
+            raise CheckpointError(f"model store {str(path)!r} has no clinical version yet "
+                                  "(promote one first)")
+        store.verify(version)
+        return _from_version_dir(version.path, version.meta, site_id)
+    if path.is_dir() and (path / MODEL).is_file():
+        meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+        return _from_version_dir(path, meta, site_id)
+    if path.is_file():
+        model = load_checkpoint(path).eval()
+        return ServedModel(model, f"file:{path.name}", source=str(path))
+    raise CheckpointError(f"no model at {str(path)!r}: expected a model store (clinical.json), "
+                          "a version folder (model.pt + meta.json) or a checkpoint file")
+
+
+def _from_version_dir(folder: Path, meta: dict[str, Any], site_id: str) -> ServedModel:
+    model = load_checkpoint(folder / MODEL).eval()
+    hospitals = (meta.get("metrics") or {}).get("hospitals") or {}
+    rnd = meta.get("round")
+    return ServedModel(model, str(meta.get("id") or folder.name),
+                       int(rnd) if isinstance(rnd, int) else None,
+                       _numbers(hospitals.get(site_id)), str(folder))
