@@ -79,6 +79,33 @@ class Batch:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
+    def select(self, idx: torch.Tensor) -> Batch:
+        """Rows `idx` (1-D long tensor) of every field."""
+        return Batch(**{k: v.index_select(0, idx) for k, v in self.__dict__.items()})
+
+    def present(self) -> torch.Tensor:
+        """(B, 3) bool presence flags in MODALITIES order (ct, path, ehr)."""
+        return torch.stack([self.ct_present, self.path_present, self.ehr_present], dim=1)
+
+    def with_present(self, present: torch.Tensor) -> Batch:
+        """Same tensors with new (B, 3) presence flags (slot values are left as they are)."""
+        d = dict(self.__dict__)
+        d["ct_present"], d["path_present"], d["ehr_present"] = present.unbind(1)
+        return Batch(**d)
+
+    def only(self, modalities: tuple[str, ...] | set[str]) -> Batch:
+        """Mask every modality not in `modalities` as absent (via the present flags)."""
+        keep = torch.tensor([m in modalities for m in ("ct", "path", "ehr")])
+        return self.with_present(self.present() & keep)
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Concatenate Batches along the case dimension."""
+    if not batches:
+        raise ValueError("concat_batches() needs at least one Batch")
+    keys = batches[0].__dict__.keys()
+    return Batch(**{k: torch.cat([b.__dict__[k] for b in batches]) for k in keys})
+
 
 def normalise_ehr(values: np.ndarray, schema: EhrSchema) -> tuple[np.ndarray, np.ndarray]:
     """(F,) raw values -> (normalised values with NaN->0, observed mask)."""

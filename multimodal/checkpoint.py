@@ -1,0 +1,114 @@
+"""Checkpoints: state_dict + model config + temperature + format version, in one torch file.
+
+A checkpoint only loads into a model of the same config; otherwise CheckpointError names the
+differing config keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multimodal.config import ModelConfig
+from multimodal.model import FedsightModel
+from vocab.errors import CheckpointError, ConfigError
+
+FORMAT = "fedsight-model"
+VERSION = 1
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (sorted), with both values."""
+    fa, fb = _flatten(a), _flatten(b)
+    return [f"{k}: {fa.get(k, '<absent>')!r} != {fb.get(k, '<absent>')!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+
+
+def save_checkpoint(model: FedsightModel, path: str | Path,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write the model (weights, config, temperature) to `path`; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "temperature": float(model.temperature),
+        "meta": dict(meta or {}),
+    }, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict, validated for format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {e}") from e
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a fedsight model checkpoint")
+    if ck.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {ck.get('version')!r}; "
+            f"this code reads version {VERSION}"
+        )
+    return ck
+
+
+def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> FedsightModel:
+    """Build the model stored in `path`. If `expected` is given and differs from the stored
+    config, raise CheckpointError naming the differing keys."""
+    ck = read_checkpoint(path)
+    if expected is not None:
+        diff = config_diff(expected.to_dict(), ck["model_config"])
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was saved with another model config; differing keys "
+                f"(expected != checkpoint): {'; '.join(diff)}"
+            )
+    try:
+        cfg = ModelConfig.from_dict(ck["model_config"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config: {e}") from e
+    model = FedsightModel(cfg)
+    _load_state(model, ck, path)
+    return model
+
+
+def load_into(model: FedsightModel, path: str | Path) -> FedsightModel:
+    """Load weights + temperature from `path` into an existing model of the same config."""
+    ck = read_checkpoint(path)
+    diff = config_diff(model.cfg.to_dict(), ck["model_config"])
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match this model's config; differing keys "
+            f"(model != checkpoint): {'; '.join(diff)}"
+        )
+    _load_state(model, ck, path)
+    return model
+
+
+def _load_state(model: FedsightModel, ck: dict[str, Any], path: str | Path) -> None:
+    try:
+        model.load_state_dict(ck["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} weights do not fit the model: {e}") from e
+    model.temperature = float(ck.get("temperature", 1.0))
+    model.eval()

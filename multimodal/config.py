@@ -1,0 +1,174 @@
+"""Config dataclasses for the model and its training loop (frozen; unknown keys are errors).
+
+Every size lives here so that one architecture scales from two CPU cores (defaults) up by config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from multimodal.grid import InputConfig
+from vocab.errors import ConfigError
+from vocab.modalities import MODALITIES
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], d: dict[str, Any], nested: dict[str, type] | None = None) -> T:
+    """Build a frozen dataclass from a plain dict; unknown keys raise ConfigError naming them."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(names)}"
+        )
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        if nested and k in nested and isinstance(v, dict):
+            v = _from_dict(nested[k], v)
+        elif isinstance(v, list):  # JSON round-trips tuples as lists
+            v = tuple(v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples become lists, nested dataclasses become dicts)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            v = _to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Token count per patient: 1 fusion + prod(ct_cells) + prod(path_cells) + F."""
+
+    inputs: InputConfig = field(default_factory=InputConfig)
+    # Which modality encoders exist. A single-modality baseline is the same model with one entry;
+    # modalities not listed are always treated as absent (learned missing tokens).
+    modalities: tuple[str, ...] = MODALITIES
+    # "moe": tokens -> transformer blocks with MoE FFN -> fusion token head (the model).
+    # "late": dense late-fusion baseline: concat pooled encoder features -> MLP (same encoders).
+    fusion: Literal["moe", "late"] = "moe"
+    d_model: int = 64
+    n_heads: int = 4
+    n_blocks: int = 2
+    dropout: float = 0.1  # attention dropout (training only)
+    # CT: patchify stem (space-to-depth conv) so the 32x64x64 grid costs ~10 ms on 2 cores;
+    # stem stride (2,4,4) -> 16^3 cells, then stride-2 residual units with these channels.
+    ct_stem_stride: tuple[int, int, int] = (2, 4, 4)
+    ct_channels: tuple[int, ...] = (16, 32, 64)
+    ct_cells: tuple[int, int, int] = (2, 2, 2)  # CT feature map pooled to this grid -> tokens
+    # Pathology: any timm architecture by name (pretrained=False: hospitals are offline).
+    # mobilenetv3_small_050 measured 5.5 / 13 ms fwd / fwd+bwd at 128x128 (resnet10t: 18 / 41).
+    path_backbone: str = "mobilenetv3_small_050"
+    # "group": the timm backbone's BatchNorm layers become GroupNorm. Batch statistics depend on
+    # which cases share a batch (absent rows, batch of one) and differ between hospitals, which
+    # biases FedAvg; GroupNorm is per case. "batch" keeps the timm default.
+    path_norm: Literal["group", "batch"] = "group"
+    path_cells: tuple[int, int] = (2, 2)  # pathology feature map pooled to this grid -> tokens
+    ehr_hidden: int = 32  # hidden width of the MLP refining each numeric EHR field token
+    # Mixture of experts (per block): routed experts + one always-on shared expert.
+    n_experts: int = 16
+    top_k: int = 2
+    shared_expert: bool = True
+    expert_hidden: int = 64  # small experts: 16 x (64->64->64) keeps the block cheap on CPU
+    # Router noise (training only) spreads early routing so no expert dies before it learns;
+    # annealed linearly to 0 over router_noise_steps optimiser steps (set by the train loop).
+    router_noise: Literal["none", "gaussian", "gumbel"] = "gaussian"
+    router_noise_std: float = 1.0
+    router_noise_steps: int = 100
+    # Switch/GShard load-balancing loss coefficient (1.0 at perfect balance, times this).
+    balance_coef: float = 0.1
+    # Router z-loss (ST-MoE): keeps float32 router logits small; cheap stabiliser.
+    z_coef: float = 1e-3
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(
+                f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities!r}"
+            )
+        if self.fusion not in ("moe", "late"):
+            raise ConfigError(f"fusion must be 'moe' or 'late', got {self.fusion!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ConfigError(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.router_noise not in ("none", "gaussian", "gumbel"):
+            raise ConfigError(
+                f"router_noise must be none|gaussian|gumbel, got {self.router_noise!r}"
+            )
+        if len(self.ct_channels) < 1:
+            raise ConfigError("ct_channels needs at least one stage")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d, nested={"inputs": InputConfig})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One local training run (a hospital's round, or the pooled baseline)."""
+
+    epochs: int = 12
+    # Progressive modality alignment: the first stage1_epochs train each encoder with its own
+    # auxiliary head only (no fusion); the rest train everything (stage 2). A federated round may
+    # override the stage explicitly (train_local(stage=...)).
+    stage1_epochs: int = 3
+    lr: float = 2e-3
+    weight_decay: float = 0.05  # small sites (~100 cases) overfit the image encoders quickly
+    batch_size: int = 16
+    grad_clip: float = 1.0
+    # Probability of hiding each present modality of a training case (never all of them), so the
+    # fused head sees every missing-modality pattern it meets at test time.
+    modality_dropout: float = 0.3
+    # Label-preserving random flips (CT left-right, pathology both axes), per case.
+    augment: bool = True
+    # Weight of the per-modality auxiliary losses in stage 2 (stage 1 uses only them).
+    aux_weight: float = 0.5
+    # "loss_ratio": per-modality weights follow each modality's convergence (see train.py);
+    # "equal": all modality losses weighted 1.
+    loss_weighting: Literal["loss_ratio", "equal"] = "loss_ratio"
+    loss_ratio_alpha: float = 1.0  # strength of the re-weighting (GradNorm's alpha)
+    seed: int = 0
+    # FedProx proximal coefficient mu (0 = plain local training / FedAvg).
+    fedprox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.stage1_epochs < 0:
+            raise ConfigError(f"epochs/stage1_epochs must be >= 0, got {self.epochs}/"
+                              f"{self.stage1_epochs}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ConfigError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.loss_weighting not in ("loss_ratio", "equal"):
+            raise ConfigError(f"loss_weighting must be loss_ratio|equal, got "
+                              f"{self.loss_weighting!r}")
+        if self.batch_size < 1 or self.lr <= 0 or self.fedprox_mu < 0:
+            raise ConfigError("batch_size must be >= 1, lr > 0, fedprox_mu >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        return dataclasses.replace(self, **kw)

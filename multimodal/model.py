@@ -1,0 +1,219 @@
+"""The fused diagnosis model: modality tokens -> MoE transformer blocks -> fusion-token head.
+
+Bottom-up: Attention, Block (pre-norm attention + MoE FFN), FedsightModel. Absent modalities are
+replaced by learned missing-modality tokens at the token level (torch.where), and encoders run only
+on the rows where their modality is present, so a missing slot's values can never leak into the
+output (not even through batch statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from multimodal.config import ModelConfig
+from multimodal.data import Batch
+from multimodal.encoders import build_encoder
+from multimodal.moe import MoE
+from vocab.ehr_schema import get_schema
+
+# Token groups for expert-load accounting: the fusion token, each modality's real tokens, and
+# learned missing-modality tokens (any modality).
+EXPERT_GROUPS: tuple[str, ...] = ("fusion", "ct", "path", "ehr", "missing")
+_GROUP = {name: i for i, name in enumerate(EXPERT_GROUPS)}
+
+
+@dataclass
+class ModelOutput:
+    """logit: (B,) fused diagnosis logit (uncalibrated; divide by model.temperature).
+    aux_logits: modality -> (B,) logit of that modality's own head (meaningful where present).
+    moe_loss: weighted balance + z losses summed over blocks (0 for late fusion / no fusion).
+    """
+
+    logit: torch.Tensor | None
+    aux_logits: dict[str, torch.Tensor]
+    moe_loss: torch.Tensor
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)  # 3 x (B, T, D)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                   for z in (q, k, v))  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.moe = MoE(cfg.d_model, cfg.expert_hidden, cfg.n_experts, cfg.top_k,
+                       cfg.shared_expert, cfg.router_noise, cfg.router_noise_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))  # (B, T, D)
+        return x + self.moe(self.ln2(x))  # (B, T, D)
+
+
+class FedsightModel(nn.Module):
+    """CT + pathology + EHR -> diagnosis logit, robust to any subset of modalities."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.schema = get_schema(cfg.inputs.ehr_schema)
+        d = cfg.d_model
+        self.encoders = nn.ModuleDict({m: build_encoder(m, cfg, self.schema)
+                                       for m in cfg.modalities})
+        self.n_tokens = {m: self.encoders[m].n_tokens for m in cfg.modalities}
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(n, d) * 0.02)
+                                         for m, n in self.n_tokens.items()})
+        self.type_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02)
+                                          for m in cfg.modalities})
+        self.aux_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+                                        for m in cfg.modalities})
+        n_total = 1 + sum(self.n_tokens.values())
+        if cfg.fusion == "moe":
+            self.fusion_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+            self.pos_emb = nn.Parameter(torch.randn(1, n_total, d) * 0.02)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+            self.ln_f = nn.LayerNorm(d)
+            # head reads the fusion token and the mean of all tokens, so every token's last-block
+            # expert output reaches the diagnosis (a fusion-token-only readout leaves last-block
+            # experts that saw only modality tokens without gradient)
+            self.head = nn.Linear(2 * d, 1)
+        else:  # dense late fusion: concat pooled modality features -> MLP
+            m = len(cfg.modalities)
+            self.late_mlp = nn.Sequential(nn.LayerNorm(m * d), nn.Linear(m * d, d), nn.GELU(),
+                                          nn.Linear(d, 1))
+        # Not state: fitted on validation data and stored in the checkpoint next to the weights.
+        self.temperature = 1.0
+        n_blocks = cfg.n_blocks if cfg.fusion == "moe" else 0
+        self._counts = torch.zeros(n_blocks, len(EXPERT_GROUPS), cfg.n_experts,
+                                   dtype=torch.float64)
+
+    # ---- encoders (named for explain/: model.ct_encoder.feature_layer etc.) ----
+    @property
+    def ct_encoder(self) -> nn.Module | None:
+        return self.encoders["ct"] if "ct" in self.encoders else None
+
+    @property
+    def path_encoder(self) -> nn.Module | None:
+        return self.encoders["path"] if "path" in self.encoders else None
+
+    @property
+    def ehr_encoder(self) -> nn.Module | None:
+        return self.encoders["ehr"] if "ehr" in self.encoders else None
+
+    def _encode(self, m: str, inputs: tuple[torch.Tensor, ...],
+                present: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, T_m, D): encoder output on present rows, learned missing tokens elsewhere."""
+        b = present.shape[0]
+        missing = self.missing[m].unsqueeze(0).expand(b, -1, -1)  # (B, T, D)
+        idx = present.nonzero().squeeze(1)  # (P,)
+        if idx.numel() == 0:
+            tok = missing
+        else:
+            enc = self.encoders[m](*(x.index_select(0, idx) for x in inputs))  # (P, T, D)
+            full = enc.new_zeros(missing.shape).index_copy(0, idx, enc)  # (B, T, D)
+            tok = torch.where(present.view(b, 1, 1), full, missing)
+        return tok + self.type_emb[m]
+
+    def forward_tensors(
+        self,
+        ct: torch.Tensor, ct_present: torch.Tensor,
+        path: torch.Tensor, path_present: torch.Tensor,
+        ehr: torch.Tensor, ehr_observed: torch.Tensor, ehr_present: torch.Tensor,
+        fuse: bool = True,
+    ) -> ModelOutput:
+        """Plain-tensor entry point (what Captum wraps). Shapes as in multimodal.data.Batch."""
+        inputs = {"ct": ((ct,), ct_present), "path": ((path,), path_present),
+                  "ehr": ((ehr, ehr_observed), ehr_present)}
+        tokens = {m: self._encode(m, *inputs[m]) for m in self.cfg.modalities}  # (B, T_m, D)
+        aux = {m: self.aux_heads[m](t.mean(1)).squeeze(-1) for m, t in tokens.items()}  # (B,)
+        zero = ct.new_zeros(())
+        if not fuse:
+            return ModelOutput(None, aux, zero, zero, zero)
+        if self.cfg.fusion == "late":
+            feats = torch.cat([t.mean(1) for t in tokens.values()], dim=-1)  # (B, M*D)
+            return ModelOutput(self.late_mlp(feats).squeeze(-1), aux, zero, zero, zero)
+
+        b = ct.shape[0]
+        x = torch.cat([self.fusion_token.expand(b, -1, -1), *tokens.values()], 1)  # (B, T, D)
+        x = x + self.pos_emb
+        groups = self._token_groups({m: inputs[m][1] for m in tokens}, b)  # (B, T)
+        bal, z = zero, zero
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            b_loss, z_loss = block.moe.last_aux
+            bal, z = bal + b_loss, z + z_loss
+            self._count(i, block.moe.last_indices, groups)
+        x = self.ln_f(x)  # (B, T, D)
+        logit = self.head(torch.cat([x[:, 0], x[:, 1:].mean(1)], -1)).squeeze(-1)  # (B,)
+        moe_loss = self.cfg.balance_coef * bal + self.cfg.z_coef * z
+        nb = len(self.blocks)
+        return ModelOutput(logit, aux, moe_loss, bal / nb, z / nb)
+
+    def forward(self, batch: Batch, fuse: bool = True) -> ModelOutput:
+        return self.forward_tensors(batch.ct, batch.ct_present, batch.path, batch.path_present,
+                                    batch.ehr, batch.ehr_observed, batch.ehr_present, fuse=fuse)
+
+    @torch.no_grad()
+    def predict_proba(self, batch: Batch, calibrated: bool = True) -> torch.Tensor:
+        """(B,) probability of the positive class (temperature-scaled unless calibrated=False)."""
+        logit = self.forward(batch).logit
+        t = self.temperature if calibrated else 1.0
+        return torch.sigmoid(logit / t)
+
+    # ---- router noise + expert token counts (federated per-expert aggregation) ----
+    def set_router_noise_scale(self, scale: float) -> None:
+        for block in getattr(self, "blocks", []):
+            block.moe.router.noise_scale = float(scale)
+
+    def _token_groups(self, present: dict[str, torch.Tensor], b: int) -> torch.Tensor:
+        cols = [torch.full((b, 1), _GROUP["fusion"], dtype=torch.long)]
+        for m, p in present.items():
+            g = torch.where(p, _GROUP[m], _GROUP["missing"]).long()  # (B,)
+            cols.append(g.view(b, 1).expand(b, self.n_tokens[m]).cpu())
+        return torch.cat(cols, 1)  # (B, T)
+
+    @torch.no_grad()
+    def _count(self, block: int, indices: torch.Tensor, groups: torch.Tensor) -> None:
+        e = self.cfg.n_experts
+        g = groups.reshape(-1, 1).expand(-1, indices.shape[-1]).reshape(-1)  # (N*k,)
+        flat = g * e + indices.reshape(-1).cpu()
+        c = torch.bincount(flat, minlength=len(EXPERT_GROUPS) * e)
+        self._counts[block] += c.view(len(EXPERT_GROUPS), e).double()
+
+    def expert_counts(self, by_group: bool = False) -> torch.Tensor:
+        """Tokens routed to each expert since the last reset (each token counts top_k times).
+
+        (n_blocks, n_experts), or (n_blocks, len(EXPERT_GROUPS), n_experts) with by_group.
+        """
+        c = self._counts.clone()
+        return c if by_group else c.sum(1)
+
+    def reset_expert_counts(self) -> None:
+        self._counts.zero_()
+
+
+def build_model(cfg: ModelConfig | None = None, seed: int | None = None) -> FedsightModel:
+    """Build a model (parameters initialised from `seed` when given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return FedsightModel(cfg or ModelConfig())

@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multimodal.config import ModelConfig
+from multimodal.data import collate
+from multimodal.model import build_model
+from tests.multimodal.conftest import TINY_INPUTS, tiny_config, toy_cases
+from vocab.ehr_schema import CHEST_V1
+from vocab.errors import ConfigError
+from vocab.modalities import combo_name, modality_combinations
+
+
+def _full_batch(n: int = 4, seed: int = 0):
+    cases = toy_cases(n, seed, p_missing=0.0)
+    return collate(cases, CHEST_V1, TINY_INPUTS.ct_shape, TINY_INPUTS.path_size)
+
+
+@pytest.mark.parametrize("combo", modality_combinations(), ids=combo_name)
+def test_every_combination_answers(combo: tuple[str, ...]) -> None:
+    model = build_model(tiny_config(), seed=0).eval()
+    b = _full_batch().only(set(combo))
+    out = model(b)
+    assert out.logit.shape == (4,)
+    assert torch.isfinite(out.logit).all()
+    assert set(out.aux_logits) == {"ct", "path", "ehr"}
+    assert all(a.shape == (4,) and torch.isfinite(a).all() for a in out.aux_logits.values())
+
+
+@pytest.mark.parametrize("fusion,mods", [("late", ("ct", "path", "ehr")), ("moe", ("ct",)),
+                                         ("moe", ("ehr",)), ("late", ("path",))])
+def test_baseline_variants_answer(fusion: str, mods: tuple[str, ...]) -> None:
+    model = build_model(tiny_config(fusion=fusion, modalities=mods), seed=0).eval()
+    out = model(_full_batch())
+    assert out.logit.shape == (4,) and torch.isfinite(out.logit).all()
+    assert set(out.aux_logits) == set(mods)
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    model = build_model(tiny_config(), seed=0).train()
+    b = _full_batch(6)
+    # rows 0-2 have all three modalities; rows 3-5 each lack one (missing tokens are used), and
+    # some EHR fields are missing (per-field missing embedding is used)
+    b.ct_present[3], b.path_present[4], b.ehr_present[5] = False, False, False
+    b.ehr_observed[0, :3] = False
+    out = model(b)
+    loss = out.logit.sum() + sum(a.sum() for a in out.aux_logits.values()) + out.moe_loss
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    # routed experts only get gradient when they receive tokens; with 6x29 tokens x 2 blocks,
+    # top-2 of 8, an expert without tokens is possible but rare -- check it is really unused
+    counts = model.expert_counts()
+    dead = {f"blocks.{i}.moe.experts.{e}." for i in range(counts.shape[0])
+            for e in range(counts.shape[1]) if counts[i, e] == 0}
+    no_grad = [n for n in no_grad if not any(n.startswith(d) for d in dead)]
+    assert no_grad == []
+
+
+def test_categorical_ehr_schema_gets_gradients() -> None:
+    model = build_model(tiny_config(inputs=TINY_INPUTS.__class__(
+        ct_shape=(16, 32, 32), path_size=32, ehr_schema="uci-heart"), modalities=("ehr",)))
+    x = torch.zeros(3, 10)
+    x[:, 2] = torch.tensor([-1.5, 0.5, 1.5])  # cp codes 1, 3, 4 after (v - 2.5) / 1
+    obs = torch.ones(3, 10, dtype=torch.bool)
+    enc = model.ehr_encoder
+    tok = enc(x, obs)
+    assert tok.shape == (3, 10, 32)
+    (tok[:, 2] * torch.randn(3, 32)).sum().backward()  # (a plain sum is 0 after LayerNorm)
+    rows = enc.cat_emb.weight.grad.abs().sum(1).nonzero().squeeze(1).tolist()
+    assert rows == [0, 2, 3]  # cp levels (1, 2, 3, 4): codes 1, 3, 4 used
+
+
+def test_garbage_in_missing_slot_does_not_change_output() -> None:
+    model = build_model(tiny_config(), seed=0).eval()
+    b = _full_batch(4)
+    b.ct_present[1] = False
+    b.path_present[2] = False
+    b.ehr_present[3] = False
+    ref = model(b)
+    g = b.select(torch.arange(4))
+    g.ct[1] = torch.randn_like(g.ct[1]) * 1e3
+    g.path[2] = float("nan")
+    g.ehr[3] = 1e6
+    g.ehr_observed[3] = ~g.ehr_observed[3]
+    out = model(g)
+    torch.testing.assert_close(out.logit, ref.logit, rtol=0, atol=0)
+    # ... also in training mode (no batch statistics leak); same seed for router noise
+    model.train()
+    torch.manual_seed(1)
+    a = model(b).logit
+    torch.manual_seed(1)
+    c = model(g).logit
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_missing_tokens_are_learned_not_zero() -> None:
+    model = build_model(tiny_config(), seed=0)
+    assert all(p.abs().sum() > 0 for p in model.missing.values())
+
+
+def test_eval_mode_is_noise_free_and_repeatable() -> None:
+    model = build_model(tiny_config(router_noise_std=5.0), seed=0)
+    b = _full_batch(4)
+    model.eval()
+    a, c = model(b).logit, model(b).logit
+    assert torch.equal(a, c)
+    model.train()  # training mode with noise differs between calls
+    model.set_router_noise_scale(1.0)
+    d, e = model(b).logit, model(b).logit
+    assert not torch.equal(d, e)
+
+
+def test_expert_counts_sum_to_tokens_times_top_k() -> None:
+    cfg = tiny_config()
+    model = build_model(cfg, seed=0).eval()
+    b = _full_batch(5)
+    model.reset_expert_counts()
+    model(b)
+    model(b)
+    n_tokens = 1 + 8 + 4 + len(CHEST_V1.fields)  # fusion + CT 2x2x2 + path 2x2 + EHR fields
+    counts = model.expert_counts()
+    assert counts.shape == (cfg.n_blocks, cfg.n_experts)
+    assert torch.all(counts.sum(1) == 2 * 5 * n_tokens * cfg.top_k)
+    by_group = model.expert_counts(by_group=True)
+    assert torch.equal(by_group.sum(1), counts)
+    model.reset_expert_counts()
+    assert model.expert_counts().sum() == 0
+
+
+def test_feature_layers_for_gradcam() -> None:
+    model = build_model(tiny_config(), seed=0).eval()
+    seen = {}
+    for name, enc in (("ct", model.ct_encoder), ("path", model.path_encoder)):
+        enc.feature_layer.register_forward_hook(lambda m, i, o, n=name: seen.setdefault(n, o))
+    model(_full_batch(2))
+    assert seen["ct"].dim() == 5 and seen["path"].dim() == 4
+
+
+def test_unknown_backbone_and_keys_raise() -> None:
+    with pytest.raises(ConfigError, match="no_such_net"):
+        build_model(tiny_config(path_backbone="no_such_net"))
+    with pytest.raises(ConfigError, match="d_modle"):
+        ModelConfig.from_dict({"d_modle": 32})
+    cfg = tiny_config()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
