@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ HEART_COLS = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach
 FLAMBY = {"pooled_accuracy": 0.776, "fedavg_accuracy": 0.654}
 
 
+def _missing(cell: str) -> bool:
+    """UCI marks a missing value with '?' (cleveland, hungarian) or 'NaN' (switzerland, va)."""
+    return cell.strip().lower() in ("?", "nan", "")
+
+
 def write_heart_sites(src: Path, out: Path) -> dict[str, int]:
     """FLamby preprocessing: drop slope/ca/thal, then rows with a missing value; label num > 0."""
     keep = HEART_COLS[:10]
@@ -37,7 +43,7 @@ def write_heart_sites(src: Path, out: Path) -> dict[str, int]:
         rows = [r for r in csv.reader((src / name).read_text().splitlines()) if r]
         site = out / centre
         site.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in rows if all(r[i].strip() != "?" for i in range(10)) and r[13] != "?"]
+        kept = [r for r in rows if not any(_missing(r[i]) for i in (*range(10), 13))]
         with (site / "ehr.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["case_id", *keep])
@@ -87,30 +93,59 @@ def fit_and_score(model_cfg: Any, train_cases: list, tests: dict[str, list], epo
     return scores
 
 
+def stats(values: list[float]) -> dict[str, float]:
+    """median / p95 / n of a list of timings (nearest-rank p95)."""
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+    return {"median": statistics.median(v), "p95": v[min(len(v) - 1, math.ceil(0.95 * len(v)) - 1)],
+            "n": len(v)}
+
+
 def federated(fed: Path, work: Path, model_json: str, rounds: int, epochs: int,
-              aggregation: str, seed: int) -> dict[str, Any]:
-    from coordinator.launch import simulate
+              aggregation: str, seed: int, runtime: str = "simulation") -> dict[str, Any]:
+    import time
+
+    from coordinator.launch import local_deployment, simulate, submit_run, wait_run
     from coordinator.store import ModelStore
 
-    store = work / f"store-{aggregation}"
+    tag = f"{runtime}-{aggregation}"
+    store = work / f"store-{tag}"
+    sites = sorted(p for p in fed.iterdir() if p.is_dir() and not p.name.startswith("_"))
     cfg = {"num-rounds": rounds, "local-epochs": epochs, "aggregation": aggregation,
-           "federation-dir": str(fed), "cache-dir": str(fed.parent / "cache"),
            "store-dir": str(store), "model-json": model_json, "seed": seed, "min-hospitals": 2,
-           "run-name": f"bench-{aggregation}"}
-    n_sites = len([p for p in fed.iterdir() if p.is_dir() and not p.name.startswith("_")])
-    res = simulate(work / f"coord-{aggregation}", cfg, n_sites, cpus_per_node=1.0)
+           "run-name": f"bench-{tag}"}
+    t0 = time.monotonic()
+    if runtime == "simulation":
+        cfg.update({"federation-dir": str(fed), "cache-dir": str(fed.parent / "cache")})
+        status = simulate(work / f"coord-{tag}", cfg, len(sites), cpus_per_node=1).status
+    else:  # one SuperLink + one SuperNode process per hospital on 127.0.0.1
+        with local_deployment(work / f"coord-{tag}", sites, fed.parent / "cache") as (home, _):
+            t_up = time.monotonic() - t0
+            status = wait_run(home, submit_run(REPO, home, cfg), timeout=6 * 3600)
+    seconds = time.monotonic() - t0
     versions = ModelStore(store).list_versions()
-    if res.status != "finished:completed" or not versions:
-        return {"status": res.status}
+    if status != "finished:completed" or not versions:
+        return {"status": status, "seconds": seconds}
     last = versions[-1].meta
-    return {"status": res.status, "seconds": res.seconds,
-            "per_hospital": last["metrics"]["hospitals"], "pooled": last["metrics"]["pooled"],
-            "round_seconds": [v.meta["round_seconds"] for v in versions],
-            "bytes_per_round": last["bytes"], "model_bytes": last["model_bytes"]}
+    per_round_bytes = {h: {"down": [v.meta["bytes"][h]["down"] for v in versions
+                                    if h in v.meta["bytes"]],
+                           "up": [v.meta["bytes"][h]["up"] for v in versions
+                                  if h in v.meta["bytes"]]} for h in last["bytes"]}
+    out = {"status": status, "seconds": seconds, "runtime": runtime,
+           "per_hospital": last["metrics"]["hospitals"], "pooled": last["metrics"]["pooled"],
+           "round_seconds": [v.meta["round_seconds"] for v in versions],
+           "round_seconds_stats": stats([v.meta["round_seconds"] for v in versions]),
+           "bytes_per_round": {h: {k: statistics.median(x) for k, x in b.items() if x}
+                               for h, b in per_round_bytes.items()},
+           "model_bytes": last["model_bytes"]}
+    if runtime == "deployment":
+        out["startup_seconds"] = t_up
+    return out
 
 
-def benchmark(fed: Path, work: Path, model_json: str, rounds: int, epochs: int, seed: int
-              ) -> dict[str, Any]:
+def benchmark(fed: Path, work: Path, model_json: str, rounds: int, epochs: int, seed: int,
+              runtimes: tuple[str, ...] = ("simulation",)) -> dict[str, Any]:
     from multimodal.config import ModelConfig
 
     model_cfg = ModelConfig.from_dict(json.loads(model_json))
@@ -125,7 +160,48 @@ def benchmark(fed: Path, work: Path, model_json: str, rounds: int, epochs: int, 
                                         seed).get(s, {}) for s, d in splits.items()}
     for agg in ("per-expert", "examples"):
         result[f"federated-{agg}"] = federated(fed, work, model_json, rounds, epochs, agg, seed)
+    if "deployment" in runtimes:
+        result["deployment-per-expert"] = federated(fed, work, model_json, rounds, epochs,
+                                                    "per-expert", seed, runtime="deployment")
     return result
+
+
+def timing_lines(res: dict[str, Any]) -> str:
+    lines = []
+    for key in ("federated-per-expert", "federated-examples", "deployment-per-expert"):
+        r = res.get(key)
+        if not r or "round_seconds_stats" not in r:
+            if r:
+                lines.append(f"{key}: {r.get('status')}")
+            continue
+        st = r["round_seconds_stats"]
+        down = [b.get("down", 0) for b in r["bytes_per_round"].values()]
+        up = [b.get("up", 0) for b in r["bytes_per_round"].values()]
+        lines.append(
+            f"{key}: wall per round median {st['median']:.1f} s, p95 {st['p95']:.1f} s "
+            f"({st['n']} rounds; first round includes worker start-up); bytes per hospital per "
+            f"round down {statistics.median(down) / 1e6:.2f} MB, up "
+            f"{statistics.median(up) / 1e6:.2f} MB (model {r['model_bytes'] / 1e6:.2f} MB); "
+            f"whole run {r['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def target_lines(res: dict[str, Any], metric: str = "auc") -> str:
+    """Issue 4 targets, per hospital: federated >= pooled - 0.02 and >= local-only + 0.03."""
+    lines = []
+    fed = res["federated-per-expert"].get("per_hospital", {})
+    for s in sorted(res["sizes"]):
+        f = (fed.get(s) or {}).get(metric)
+        p = res["pooled"].get(s, {}).get(metric)
+        loc = res["local"].get(s, {}).get(metric)
+        if any(v is None or not math.isfinite(v) for v in (f, p, loc)):
+            lines.append(f"{s}: n/a (federated {f}, pooled {p}, local {loc})")
+            continue
+        lines.append(f"{s}: federated {f:.3f} vs pooled {p:.3f} (target >= {p - 0.02:.3f}: "
+                     f"{'met' if f >= p - 0.02 else f'missed by {p - 0.02 - f:.3f}'}); "
+                     f"vs local {loc:.3f} (target >= {loc + 0.03:.3f}: "
+                     f"{'met' if f >= loc + 0.03 else f'missed by {loc + 0.03 - f:.3f}'})")
+    return "\n".join(lines)
 
 
 def table(res: dict[str, Any], metric: str) -> str:
@@ -155,6 +231,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["synthetic", "heart"], default=None)
     ap.add_argument("--heart-dir", type=Path, default=REPO.parent / "shared/data/heart-disease")
+    ap.add_argument("--deployment", action="store_true",
+                    help="also run per-expert on the deployment runtime (synthetic only)")
     args = ap.parse_args()
     out = args.out.resolve()
     report: dict[str, Any] = {}
@@ -165,8 +243,9 @@ def main() -> int:
         report["heart"] = benchmark(fed, out / "heart", model_json, args.rounds, args.epochs,
                                     args.seed)
         report["heart"]["flamby"] = FLAMBY
-        print("UCI heart disease (4 EHR-only hospitals), accuracy:\n" +
-              table(report["heart"], "accuracy") + "\nAUC:\n" + table(report["heart"], "auc"))
+        print("UCI heart disease (4 EHR-only hospitals), accuracy (FLamby: pooled 0.776, "
+              "FedAvg 0.654):\n" + table(report["heart"], "accuracy") + "\nAUC:\n" +
+              table(report["heart"], "auc") + "\n" + timing_lines(report["heart"]), flush=True)
     if args.only in (None, "synthetic"):
         from synth.config import SynthConfig
         from synth.federation import generate
@@ -174,9 +253,12 @@ def main() -> int:
         fed = out / "synthetic" / "federation"
         if not (fed / "federation.json").exists():
             generate(SynthConfig.default(n_sites=4, seed=args.seed), fed)
+        runtimes = ("simulation", "deployment") if args.deployment else ("simulation",)
         report["synthetic"] = benchmark(fed, out / "synthetic", "{}", args.rounds, args.epochs,
-                                        args.seed)
-        print("Synthetic default federation, AUC:\n" + table(report["synthetic"], "auc"))
+                                        args.seed, runtimes)
+        print("Synthetic default federation, AUC:\n" + table(report["synthetic"], "auc") +
+              "\n" + target_lines(report["synthetic"]) + "\n" +
+              timing_lines(report["synthetic"]), flush=True)
     (out / "bench_federated.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out / 'bench_federated.json'}")
     return 0

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     s.add_argument("--port", type=int, default=9092, help="Fleet/Control port (default 9092)")
     s.add_argument("--home", type=Path, default=DEFAULT_HOME, help="state folder (SuperLink db)")
+    s.add_argument("--database", default=None, metavar="PATH|memory",
+                   help="SuperLink state database (default HOME/superlink.db); 'memory' keeps "
+                   "it in memory (loopback tests, benchmarks)")
     _tls_args(s, server=True)
     s.set_defaults(func=_coordinator_start)
 
@@ -76,6 +79,9 @@ def register_node_start(node_sub: argparse._SubParsersAction) -> None:
     n.add_argument("--site-id", default="", help="hospital name (default: site.json/folder)")
     n.add_argument("--cache-dir", type=Path, default=None)
     n.add_argument("--port", type=int, default=9094, help="local ClientAppIo port")
+    n.add_argument("--no-worker", action="store_true",
+                   help="run each task in Flower's per-message process (slower start-up) "
+                   "instead of a long-lived local worker")
     n.set_defaults(func=_node_start)
 
 
@@ -89,7 +95,7 @@ def _node_start(args: argparse.Namespace) -> int:
     from hospital_node.agent import NodeStart, start
 
     start(NodeStart(args.data, args.coordinator, args.tls, args.site_id, args.cache_dir,
-                    args.port))
+                    args.port, worker=not args.no_worker))
     return 0  # not reached: start() execs flower-supernode
 
 
@@ -101,7 +107,9 @@ def _coordinator_start(args: argparse.Namespace) -> int:
         d = args.tls_dir
         tls = TlsFiles(d / "ca.crt", d / "server.pem", d / "server.key")
     args.home.mkdir(parents=True, exist_ok=True)
-    cmd = superlink_command(args.host, args.port, args.home / "superlink.db", tls)
+    database = None if args.database == "memory" else \
+        Path(args.database) if args.database else args.home / "superlink.db"
+    cmd = superlink_command(args.host, args.port, database, tls)
     print(f"[coordinator] SuperLink on {args.host}:{args.port} "
           f"({'TLS' if tls else 'INSECURE'}), state {args.home}", flush=True)
     os.execve(cmd[0], cmd, process_env())
@@ -123,7 +131,7 @@ def _parse_kv(items: list[str]) -> dict[str, Any]:
 
 
 def _coordinator_run(args: argparse.Namespace) -> int:
-    from coordinator.launch import app_dir, submit_run, wait_run, write_connection
+    from coordinator.launch import app_dir, run_log, submit_run, wait_run, write_connection
     from coordinator.settings import RunSettings
     from coordinator.store import ModelStore
 
@@ -141,11 +149,13 @@ def _coordinator_run(args: argparse.Namespace) -> int:
     run_id = submit_run(args.app or app_dir(), flwr_home, overrides)
     print(f"[coordinator] run {run_id} submitted; waiting", flush=True)
     status = wait_run(flwr_home, run_id, args.timeout)
+    log_file = home / "logs" / f"run-{run_id}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(run_log(flwr_home, run_id))
     new = [v for v in ModelStore(store).list_versions() if v.id not in before]
     for v in new:
-        print(f"[coordinator] round {v.meta['round']}: version {v.id} pooled "
-              f"{_fmt(v.meta['metrics'].get('pooled', {}))}")
-    print(f"[coordinator] run {run_id}: {status}")
+        print_round(v.meta, "[coordinator]")
+    print(f"[coordinator] run {run_id}: {status} (ServerApp log: {log_file})")
     return 0 if status == "finished:completed" else 1
 
 
@@ -176,9 +186,26 @@ def _coordinator_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_round(meta: dict[str, Any], prefix: str = "[demo]") -> None:
+    """One stored round: version, time, then each hospital's held-out metrics and screening."""
+    print(f"{prefix} round {meta['round']}: version {meta['id']} in "
+          f"{meta.get('round_seconds') or 0:.0f} s, pooled "
+          f"{_fmt(meta['metrics'].get('pooled', {}))}")
+    screening = meta.get("screening", {})
+    for site, m in sorted(meta["metrics"].get("hospitals", {}).items()):
+        s = screening.get(site, {})
+        update = "update merged" if s.get("accepted") else \
+            f"update left out: {s.get('reason') or 'no reply'}"
+        print(f"{prefix}   {site:<12} {_fmt(m)}  ({update})")
+
+
 def _fmt(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in sorted(metrics.items()))
+    def one(v: Any) -> str:
+        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+            return str(int(v))  # counts (n, num-examples)
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return " ".join(f"{k}={one(v)}" for k, v in sorted(metrics.items()) if v is not None)
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -236,12 +263,12 @@ def demo_rounds(out: Path, fed: Path, rounds: int, n_sites: int) -> None:
                   "run-name": "demo"}
     sites = [p for p in fed.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
     print(f"[demo] {rounds} federated rounds over {len(sites)} hospitals (Flower simulation)")
-    res = simulate(out / "coordinator", run_config, num_nodes=len(sites), cpus_per_node=1.0)
+    res = simulate(out / "coordinator", run_config, num_nodes=len(sites), cpus_per_node=1)
     store = ModelStore(store_dir)
-    versions = store.list_versions()
-    for v in versions[-rounds:]:
-        print(f"[demo] round {v.meta['round']}: version {v.id}  pooled "
-              f"{_fmt(v.meta['metrics'].get('pooled', {}))}")
+    versions = [v for v in store.list_versions()
+                if v.meta.get("run_id", "").endswith(f"-{res.run_id}")]
+    for v in versions:
+        print_round(v.meta)
     print(f"[demo] run {res.run_id}: {res.status} in {res.seconds:.0f} s")
     if res.status != "finished:completed" or not versions:
         print(f"[demo] federated run failed; see {out / 'coordinator' / 'superlink.log'}")

@@ -125,6 +125,19 @@ def screen_updates(updates: Sequence[Update], global_state: State, z_max: float 
     return [verdicts[u.hospital] for u in updates]
 
 
+def unused_expert_keys(updates: Sequence[Update], global_state: State) -> frozenset[str]:
+    """Expert parameters no update routed a token to (per-expert aggregation keeps them)."""
+    used = {e for u in updates for e, n in u.expert_tokens.items() if n > 0}
+    return frozenset(k for k in global_state if (e := expert_of(k)) is not None and e not in used)
+
+
+def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """`value` in the dtype of `like` (integer/bool buffers rounded first)."""
+    if np.issubdtype(like.dtype, np.integer) or like.dtype == np.bool_:
+        value = np.rint(value)
+    return np.asarray(value).astype(like.dtype)
+
+
 def aggregate(updates: Sequence[Update], global_state: State, per_expert: bool = True
               ) -> dict[str, np.ndarray]:
     """Weighted average of accepted updates (see module doc). Dtypes follow the global model;
@@ -144,7 +157,5 @@ def aggregate(updates: Sequence[Update], global_state: State, per_expert: bool =
         acc = np.zeros(g.shape, dtype=np.float64)
         for u, w in zip(updates, weights / weights.sum(), strict=True):
             acc += u.state[key].astype(np.float64) * w
-        if np.issubdtype(g.dtype, np.integer) or g.dtype == np.bool_:
-            acc = np.rint(acc)
-        out[key] = acc.astype(g.dtype)
+        out[key] = cast_like(acc, g)
     return out

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,14 @@ class TlsFiles:
                 raise ConfigError(f"TLS {what} {str(p)!r} is not a PEM file")
 
 
-def superlink_command(host: str, port: int, database: Path, tls: TlsFiles | None) -> list[str]:
+def superlink_command(host: str, port: int, database: Path | None, tls: TlsFiles | None
+                      ) -> list[str]:
+    """database None: Flower's in-memory state (nothing survives a restart, but no SQLite file
+    lock: on an overloaded machine the file database failed runs with 'database is locked')."""
     cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", host,
-           "--port", str(port), "--database", str(database),
-           "--disable-runtime-dependency-installation"]
+           "--port", str(port), "--disable-runtime-dependency-installation"]
+    if database is not None:
+        cmd += ["--database", str(database)]
     if tls is None:
         return cmd + ["--insecure"]
     tls.check(server=True)
@@ -124,15 +129,28 @@ def run_status(flwr_home: Path, run_id: int) -> str:
     return str(runs[0].get("status", "")) if runs else ""
 
 
-def wait_run(flwr_home: Path, run_id: int, timeout: float, poll: float = 2.0) -> str:
-    """Poll until the run is finished; returns its status ('finished:completed' on success)."""
+def run_log(flwr_home: Path, run_id: int) -> str:
+    """The ServerApp's log of a run (`flwr log RUN --show`): Flower starts the ServerApp in its
+    own process, so this is the only place its output (our per-round, per-hospital lines) lands."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), "log", str(run_id), CONNECTION, "--show"]
+    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
+                          timeout=120, check=False)
+    return proc.stdout
+
+
+def wait_run(flwr_home: Path, run_id: int, timeout: float, poll: float = 1.0,
+             max_poll: float = 10.0) -> str:
+    """Poll until the run is finished; returns its status ('finished:completed' on success).
+    Each poll starts a `flwr ls` process (~1 s of CPU), so the interval grows from `poll` to
+    `max_poll`: on two cores, polling every 2 s took a visible share from the training."""
     end = time.monotonic() + timeout
     status = ""
     while time.monotonic() < end:
         status = run_status(flwr_home, run_id)
         if status.startswith("finished"):
             return status
-        time.sleep(poll)
+        time.sleep(min(poll, max(0.0, end - time.monotonic())))
+        poll = min(poll * 1.5, max_poll)
     raise RunFailed(f"run {run_id} still {status or 'unknown'} after {timeout:.0f} s")
 
 
@@ -204,26 +222,105 @@ class SimulationResult:
     seconds: float
 
 
-def simulate(home: Path, run_config: dict[str, Any], num_nodes: int, cpus_per_node: float = 1.0,
-             timeout: float = 3600.0, app: Path | None = None) -> SimulationResult:
-    """Simulation runtime on our own SuperLink (a private port, never Flower's shared local
-    one), stopped afterwards: `flwr run` with num-supernodes virtual hospitals."""
+@contextlib.contextmanager
+def simulation_superlink(home: Path) -> Iterator[tuple[Path, int]]:
+    """A simulation-runtime SuperLink of our own on a private 127.0.0.1 port (never Flower's
+    shared local one), with $FLWR_HOME/config.toml pointing at it; yields (flwr_home, port) and
+    stops the SuperLink and everything it started on exit."""
     home.mkdir(parents=True, exist_ok=True)
     flwr_home, port = home / "flwr", free_port()
     write_connection(flwr_home, f"127.0.0.1:{port}", None)
     cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
-           "--database", str(home / "superlink.db"), "--disable-runtime-dependency-installation"]
-    with (home / "superlink.log").open("w") as log:
+           "--disable-runtime-dependency-installation"]  # in-memory state (see superlink_command)
+    with (home / "superlink.log").open("a") as log:
         proc = subprocess.Popen(cmd, env=process_env(flwr_home), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.monotonic()
         try:
             wait_listening(port, proc)
-            run_id = submit_run(app or app_dir(), flwr_home, run_config,
-                                {"num-supernodes": num_nodes,
-                                 "client-resources-num-cpus": cpus_per_node})
-            status = wait_run(flwr_home, run_id, timeout)
+            yield flwr_home, port
         finally:
             stop_group(proc, port)
+
+
+def simulate(home: Path, run_config: dict[str, Any], num_nodes: int, cpus_per_node: int = 1,
+             timeout: float = 3600.0, app: Path | None = None) -> SimulationResult:
+    """Simulation runtime: `flwr run` with num-supernodes virtual hospitals on our own
+    SuperLink (simulation_superlink), waited for, then stopped."""
+    if isinstance(cpus_per_node, bool) or not isinstance(cpus_per_node, int) \
+            or cpus_per_node < 1:
+        raise ConfigError(f"cpus_per_node must be a whole number >= 1 (Flower's "
+                          f"client-resources-num-cpus), got {cpus_per_node!r}")
+    t0 = time.monotonic()
+    with simulation_superlink(home) as (flwr_home, _port):
+        run_id = submit_run(app or app_dir(), flwr_home, run_config,
+                            {"num-supernodes": num_nodes,
+                             "client-resources-num-cpus": cpus_per_node})
+        status = wait_run(flwr_home, run_id, timeout)
     return SimulationResult(run_id, status, time.monotonic() - t0)
+
+
+def fedsight_command(*args: str) -> list[str]:
+    """The `fedsight` CLI of this interpreter (works from a source checkout too)."""
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+@contextlib.contextmanager
+def local_deployment(home: Path, sites: list[Path], cache_root: Path | None = None,
+                     timeout: float = 120.0) -> Iterator[tuple[Path, int]]:
+    """Deployment runtime on one machine: `fedsight coordinator start` (SuperLink) and one
+    `fedsight node start` (site check + SuperNode) per site on 127.0.0.1, insecure (loopback
+    only). Yields (flwr_home, port) once every node has joined; logs go to <home>/*.log; every
+    process group is stopped on exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    flwr_home, port = home / "flwr", free_port()
+    write_connection(flwr_home, f"127.0.0.1:{port}", None)
+    env = process_env(flwr_home)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p)
+    procs: list[subprocess.Popen] = []
+    try:
+        with (home / "superlink.log").open("a") as log:
+            procs.append(subprocess.Popen(
+                fedsight_command("coordinator", "start", "--host", "127.0.0.1", "--port",
+                                 str(port), "--home", str(home), "--database", "memory"),
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_listening(port, procs[0])
+        for site in sites:
+            cmd = fedsight_command("node", "start", "--data", str(site), "--coordinator",
+                                   f"127.0.0.1:{port}", "--port", str(free_port()))
+            if cache_root is not None:
+                cmd += ["--cache-dir", str(cache_root / site.name)]
+            with (home / f"node-{site.name}.log").open("a") as log:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        wait_nodes(flwr_home, len(sites), procs[1:], timeout)
+        yield flwr_home, port
+    finally:
+        for p in procs[1:]:  # SuperNodes (+ their flwr-clientapp children) first
+            stop_group(p)
+        if procs:  # SuperLink, SuperExec and the ServerApp process attached to our port
+            stop_group(procs[0], port)
+
+
+def wait_nodes(flwr_home: Path, n: int, nodes: list[subprocess.Popen], timeout: float) -> None:
+    """Wait until n SuperNodes are online (`flwr supernode list`)."""
+    end = time.monotonic() + timeout
+    online = 0
+    while time.monotonic() < end:
+        dead = [p.args for p in nodes if p.poll() is not None]
+        if dead:
+            raise RunFailed(f"{len(dead)} node(s) exited before joining (see node-*.log): "
+                            f"{dead[0]}")
+        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "list",
+                               CONNECTION, "--format", "json"], env=process_env(flwr_home),
+                              capture_output=True, text=True, timeout=60, check=False)
+        try:
+            listed = json.loads(proc.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            listed = []
+        online = sum("online" in str(x.get("status", "")).lower() for x in listed)
+        if online >= n:
+            return
+        time.sleep(1.0)
+    raise RunFailed(f"{online} of {n} nodes online after {timeout:.0f} s (see node-*.log)")

@@ -96,7 +96,6 @@ class RunOutcome:
 
 def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> RunOutcome:
     store = ModelStore(settings.store_dir)
-    cfg = model_config(settings)
     offset, parent, run = 0, None, None
     if settings.resume:
         run = store.latest_unfinished_run()
@@ -105,6 +104,7 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
         offset, parent = int(run["rounds_completed"]), run.get("last_version")
         settings = RunSettings.from_run_config({**run["config"], "resume": True})
         log.info("resuming run %s after round %d (version %s)", run["run_id"], offset, parent)
+    cfg = model_config(settings)  # after resume: the interrupted run's model, not this config's
     state = read_state(store.get(parent)) if parent else initial_state(settings)
     if run is None:
         run = {"run_id": f"{settings.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{flwr_run_id}",

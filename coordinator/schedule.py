@@ -161,11 +161,27 @@ class Scheduler:
     job: Callable[[], int]  # starts one federated run; returns its exit code
     clock: Callable[[], datetime] = datetime.now
     sleep: Callable[[float], None] = time.sleep
-    since: datetime | None = None  # no history yet: first due time after this (default: start)
+    # No history yet: the first due time is the first after `since`. Default: when this state
+    # folder was first scheduled (remembered in since.json, so `--once` from a system timer
+    # becomes due one slot after its first call instead of never).
+    since: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.since is None:
-            self.since = self.clock()
+            self.since = self._first_start()
+
+    def _first_start(self) -> datetime:
+        path = self.state_dir / "since.json"
+        if path.is_file():
+            try:
+                return datetime.fromisoformat(json.loads(path.read_text())["since"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"schedule state {path} is corrupt ({e!r}); delete it to "
+                                  "start counting from now") from None
+        now = self.clock()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"since": now.isoformat()}) + "\n")
+        return now
 
     @property
     def history_path(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -18,7 +19,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from coordinator.aggregation import Update, aggregate, parse_expert_tokens, screen_updates
+from coordinator.aggregation import (
+    Update,
+    aggregate,
+    cast_like,
+    parse_expert_tokens,
+    screen_updates,
+    unused_expert_keys,
+)
 from coordinator.journal import RoundRecord, pooled_means
 from coordinator.settings import RunSettings
 from vocab import records as K
@@ -26,6 +34,8 @@ from vocab import records as K
 # A child of Flower's logger: shows up wherever Flower logs (SuperLink, simulation console).
 log = logging.getLogger("flwr.fedsight")
 Identify = Callable[[Grid, list[int]], dict[int, str]]
+# hospital_node.client_app.NodeTaskError's text, wherever Flower wraps it ("<class ...>:<'...'>")
+_NODE_REASON = re.compile(r"fedsight-node: [a-z]+ failed \([A-Za-z_][A-Za-z0-9_.]*\)")
 
 
 def record_bytes(arrays: ArrayRecord) -> int:
@@ -43,10 +53,8 @@ def from_numpy(state: dict[str, np.ndarray]) -> ArrayRecord:
 def _public_reason(msg: Message) -> str:
     """The error of a failed reply, as far as it may be logged here. Our ClientApp only ever
     sends sanitised reasons (see hospital_node.client_app); anything else is reduced to its code."""
-    reason = msg.error.reason or ""
-    if "fedsight-node:" in reason:
-        return reason[reason.index("fedsight-node:"):][:200].rstrip("'>")
-    return f"error code {msg.error.code}"
+    m = _NODE_REASON.search(msg.error.reason or "")
+    return m.group(0) if m else f"error code {msg.error.code}"
 
 
 class PerExpertFedAvg(FedAvg):
@@ -65,11 +73,18 @@ class PerExpertFedAvg(FedAvg):
         self.round_offset = round_offset  # rounds done before this (resumed) run
         self.journal: dict[int, RoundRecord] = {}
         self._global: dict[str, np.ndarray] = {}
+        self._kept_global: frozenset[str] = frozenset()  # experts left as they were this round
         self.min_train_nodes = min(self.min_train_nodes, settings.min_hospitals)
         self.min_evaluate_nodes = min(self.min_evaluate_nodes, settings.min_hospitals)
 
     def name_of(self, node_id: int) -> str:
         return self.hospitals.get(node_id, f"node-{node_id}")
+
+    def _identify_new(self, grid: Grid, messages: list[Message]) -> None:
+        unknown = [m.metadata.dst_node_id for m in messages
+                   if m.metadata.dst_node_id not in self.hospitals]
+        if unknown and self.identify is not None:
+            self.hospitals.update(self.identify(grid, unknown))
 
     def _round(self, server_round: int) -> RoundRecord:
         r = self.round_offset + server_round
@@ -83,10 +98,7 @@ class PerExpertFedAvg(FedAvg):
         stage = 1 if self.round_offset + server_round <= self.settings.stage1_rounds else 2
         config[K.STAGE] = stage
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        unknown = [m.metadata.dst_node_id for m in messages
-                   if m.metadata.dst_node_id not in self.hospitals]
-        if unknown and self.identify is not None:
-            self.hospitals.update(self.identify(grid, unknown))
+        self._identify_new(grid, messages)
         size = record_bytes(arrays)
         for m in messages:
             m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
@@ -135,6 +147,8 @@ class PerExpertFedAvg(FedAvg):
             return None, None
         per_expert = self.settings.aggregation == "per-expert"
         new = aggregate(accepted, self._global, per_expert=per_expert)
+        self._kept_global = unused_expert_keys(accepted, self._global) if per_expert \
+            else frozenset()
         rec.status = "aggregated"
         n = sum(u.num_examples for u in accepted)
         metrics = MetricRecord({"hospitals": len(accepted), K.NUM_EXAMPLES: n})
@@ -163,6 +177,7 @@ class PerExpertFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         rec = self._round(server_round)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._identify_new(grid, messages)
         size = record_bytes(arrays)
         for m in messages:
             m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
@@ -199,7 +214,23 @@ class FedsightFedProx(FedProx, PerExpertFedAvg):
 
 
 class FedsightFedAdam(FedAdam, PerExpertFedAvg):
-    """Server-side Adam on the screened, per-expert aggregate."""
+    """Server-side Adam on the screened, per-expert aggregate.
+
+    Two corrections after Flower's Adam step: an expert no hospital used this round keeps the
+    global copy (its decaying momentum from earlier rounds would otherwise still move it), and
+    every array returns to the global model's dtype (Adam's float64 arithmetic would double the
+    bytes sent and turn integer buffers into floats).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        stepped = to_numpy(arrays)
+        out = {k: g.copy() if k in self._kept_global else cast_like(stepped[k], g)
+               for k, g in self._global.items()}
+        return from_numpy(out), metrics
 
 
 def build_strategy(settings: RunSettings, identify: Identify | None = None,

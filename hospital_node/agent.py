@@ -26,6 +26,9 @@ class NodeStart:
     cache_dir: Path | None = None
     clientapp_port: int = 9094  # SuperNode's local ClientAppIo API port
     max_retries: int = 0  # 0 = retry forever (a coordinator restart must not kill the node)
+    # Run tasks in a long-lived worker beside the SuperNode (hospital_node.worker) instead of
+    # paying the imports in the fresh process Flower starts for every message.
+    worker: bool = True
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.coordinator.rpartition(":")
@@ -73,10 +76,13 @@ def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def supernode_command(spec: NodeStart, site_id: str) -> list[str]:
+def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None = None
+                      ) -> list[str]:
     cfg = [f"data-dir={_toml_str(str(spec.data.resolve()))}", f"site-id={_toml_str(site_id)}"]
     if spec.cache_dir is not None:
         cfg.append(f"cache-dir={_toml_str(str(spec.cache_dir.resolve()))}")
+    if worker_socket is not None:
+        cfg.append(f"worker-socket={_toml_str(str(worker_socket))}")
     cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink",
            spec.coordinator, "--node-config", " ".join(cfg), "--port", str(spec.clientapp_port)]
     if spec.max_retries:
@@ -92,8 +98,8 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def prepare(spec: NodeStart) -> list[str]:
-    """Every check, cheapest first; returns the flower-supernode command line."""
+def prepare(spec: NodeStart) -> tuple[str, str]:
+    """Every check, cheapest first; returns (site id, summary line)."""
     host, port = spec.host_port()
     if spec.tls_ca is not None:
         check_certificate(spec.tls_ca)
@@ -101,12 +107,29 @@ def prepare(spec: NodeStart) -> list[str]:
         raise DataError(f"site data root {str(spec.data)!r} does not exist or is not a folder")
     check_reachable(host, port)
     site_id, summary = check_data(spec.data, spec.cache_dir)
-    print(f"[node] {summary}", flush=True)
-    return supernode_command(spec, spec.site_id or site_id)
+    return spec.site_id or site_id, summary
+
+
+def start_worker(env: dict[str, str]) -> Path:
+    """Start hospital_node.worker as a child of this process (which then becomes the SuperNode:
+    the worker exits with it); returns its socket path."""
+    import subprocess
+
+    from hospital_node.worker import prepare_socket
+
+    socket = prepare_socket()
+    subprocess.Popen([sys.executable, "-m", "hospital_node.worker", "--socket", str(socket)],
+                     env=env, stdin=subprocess.DEVNULL)
+    return socket
 
 
 def start(spec: NodeStart) -> None:
     """Replace this process by flower-supernode (signals and exit code pass straight through)."""
-    cmd = prepare(spec)
-    print(f"[node] starting SuperNode -> {spec.coordinator}", flush=True)
-    os.execve(cmd[0], cmd, node_env())
+    site_id, summary = prepare(spec)
+    print(f"[node] {summary}", flush=True)
+    env = node_env()
+    socket = start_worker(env) if spec.worker else None
+    cmd = supernode_command(spec, site_id, socket)
+    print(f"[node] starting SuperNode -> {spec.coordinator}"
+          f"{' (task worker ' + str(socket) + ')' if socket else ''}", flush=True)
+    os.execve(cmd[0], cmd, env)

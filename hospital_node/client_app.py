@@ -1,5 +1,9 @@
 """Flower ClientApp of a hospital node: Message in -> hospital_node.task -> Message out.
 
+The task runs in the node's long-lived worker when `fedsight node start` started one
+(hospital_node.worker: Flower starts a fresh process per message, the worker keeps torch and the
+model code imported), else in this process.
+
 Replies carry only the model arrays and whitelisted aggregate metrics (vocab.records). A
 failure is logged here in full (inside the hospital) and re-raised with its exception type only,
 because Flower sends str(exception) to the coordinator and messages may name local files.
@@ -10,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 from vocab.offline import enforce_offline
 
 enforce_offline()  # before flwr reads its telemetry / update-check variables
 
+import numpy as np  # noqa: E402
 from flwr.app import (  # noqa: E402
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -41,31 +48,44 @@ class NodeTaskError(RuntimeError):
 def _sanitised(what: str) -> Iterator[None]:
     try:
         yield
+    except NodeTaskError:
+        raise  # already safe to send (the worker's failure, by exception type)
     except Exception as e:
         log.exception("%s failed at this hospital", what)
         raise NodeTaskError(f"fedsight-node: {what} failed ({type(e).__name__})") from None
 
 
-def _global_state(msg: Message) -> dict:
-    import torch  # noqa: F401 - Flower's to_torch_state_dict needs torch already imported
+def _run(kind: str, msg: Message, context: Context, start_step: int = 0) -> task.TaskResult:
+    """The task of one message: by the node's worker when one runs (hospital_node.worker),
+    else here. Arrays cross as numpy, so this process never imports torch with a worker."""
+    arrays = msg.content[K.ARRAYS] if K.ARRAYS in msg.content.array_records else None
+    req = task.TaskRequest(
+        kind, dict(context.node_config), dict(context.run_config), dict(msg.content[K.CONFIG]),
+        {k: a.numpy() for k, a in arrays.items()} if arrays is not None else None, start_step)
+    socket = context.node_config.get(task.WORKER_SOCKET)
+    if socket:
+        from hospital_node import worker
 
-    return msg.content[K.ARRAYS].to_torch_state_dict()
+        try:
+            return worker.call(Path(str(socket)), req)
+        except worker.WorkerTaskFailed as e:
+            raise NodeTaskError(f"fedsight-node: {kind} failed ({e})") from None
+        except worker.WorkerUnavailable as e:
+            log.warning("%s; running the %s task in this process", e, kind)
+    return task.run_task(req)
 
 
-def _inputs(msg: Message, context: Context) -> tuple[task.NodeSettings, task.RoundConfig]:
-    node = task.NodeSettings.from_configs(dict(context.node_config), dict(context.run_config))
-    return node, task.RoundConfig.from_record(dict(msg.content[K.CONFIG]))
+def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     with _sanitised("train"):
-        node, cfg = _inputs(msg, context)
         state = context.state.config_records.get(STATE_KEY, ConfigRecord())
-        out = task.train(node, cfg, _global_state(msg),
-                         start_step=int(state.get("global-step", 0)))
+        out = _run("train", msg, context, start_step=int(state.get("global-step", 0)))
         context.state[STATE_KEY] = ConfigRecord({"global-step": out.global_step})
-        content = RecordDict({K.ARRAYS: ArrayRecord(out.state),
+        content = RecordDict({K.ARRAYS: _arrays(out.arrays or {}),
                               K.METRICS: MetricRecord(out.metrics)})
     return Message(content=content, reply_to=msg)
 
@@ -73,16 +93,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     with _sanitised("evaluate"):
-        node, cfg = _inputs(msg, context)
-        metrics = task.evaluate(node, cfg, _global_state(msg))
-    return Message(content=RecordDict({K.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        out = _run("evaluate", msg, context)
+    return Message(content=RecordDict({K.METRICS: MetricRecord(out.metrics)}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     with _sanitised("query"):
-        node, cfg = _inputs(msg, context)
-        site_id, counts = task.statistics(node, cfg)
-        content = RecordDict({K.SITE: ConfigRecord({K.SITE_ID: site_id}),
-                              K.METRICS: MetricRecord(counts)})
+        out = _run("query", msg, context)
+        content = RecordDict({K.SITE: ConfigRecord({K.SITE_ID: out.site_id}),
+                              K.METRICS: MetricRecord(out.metrics)})
     return Message(content=content, reply_to=msg)

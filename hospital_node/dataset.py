@@ -88,7 +88,7 @@ class _CaseLoader:
     def _cached(self, kind: str, files: list[Path], compute) -> tuple[dict, list[DataProblem]]:
         if self.cache is None:
             return compute()
-        key = CaseCache.key(kind, files, self.root, self.inputs, PREPROCESS_VERSION)
+        key = self.cache.key(kind, files, self.root, self.inputs, PREPROCESS_VERSION)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
@@ -206,6 +206,8 @@ def load_site(root: Path, inputs: InputConfig, cache_dir: Path | None = None, *,
         if rep.usable:
             cases.append(case)
     hits, misses = (cache.hits, cache.misses) if cache else (0, 0)
+    if cache is not None:
+        cache.hashes.save()
     log.info("site loaded: %d cases, %d usable, %d trainable, cache %d hits / %d misses",
              len(report.cases), report.n_usable, report.n_trainable, hits, misses)
     return LoadedSite(cfg.site_id, cases, report, hits, misses)

@@ -7,6 +7,9 @@ tilted, any orientation) to that grid places every voxel correctly; that single 
 the centre crop/pad, with air (-1000 HU) outside the scan. Before it, block averaging by the
 integer part of the zoom factor removes aliasing (0.5 mm pixels sampled every 5 mm would
 otherwise be noise).
+
+MONAI is imported inside ct_to_grid only: it is needed on a cache miss, and importing it costs
+seconds in every fresh node process (Flower starts one per message).
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
-from monai.transforms import SpatialResample
 
 from hospital_node.dicom_series import CtSeries
 from multimodal.data import HU_CLIP, PATH_MEAN, PATH_STD
@@ -54,6 +55,9 @@ def _block_mean(vol: torch.Tensor, affine: np.ndarray, target: tuple[float, floa
 
 def ct_to_grid(series: CtSeries, inputs: InputConfig) -> tuple[np.ndarray, np.ndarray]:
     """HU volume -> ((D, H, W) float32 in [-1, 1] via HU_CLIP, (4, 4) grid affine to mm)."""
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
     if series.hu is None or series.affine is None:
         raise DataError("ct_to_grid needs a usable CtSeries (hu and affine are None)")
     lo, hi = HU_CLIP

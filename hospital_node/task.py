@@ -20,7 +20,9 @@ from vocab.errors import ConfigError, DataError
 
 # Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
 DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
-NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, "partition-id", "num-partitions"})
+WORKER_SOCKET = "worker-socket"  # hospital_node.worker's socket (set by `fedsight node start`)
+NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, WORKER_SOCKET, "partition-id",
+                       "num-partitions"})
 
 
 @dataclass(frozen=True)
@@ -224,3 +226,46 @@ def statistics(node: NodeSettings, cfg: RoundConfig) -> tuple[str, dict[str, flo
     inputs = cfg.model_config().inputs  # same grid as training: the loaded site is reused
     data = site_data(node, inputs, cfg.seed, cfg.max_cases)
     return data.site_id, {k: float(v) for k, v in data.summary.items()}
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """One message's work, as plain data (what the ClientApp hands to run_task or the worker)."""
+
+    kind: str  # train | evaluate | query
+    node_config: dict[str, Any]
+    run_config: dict[str, Any]
+    config: dict[str, Any]  # the coordinator's ConfigRecord
+    arrays: dict[str, Any] | None = None  # global model as numpy arrays (train, evaluate)
+    start_step: int = 0  # optimiser steps this node has done before (train)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    metrics: dict[str, float]
+    arrays: dict[str, Any] | None = None  # numpy arrays (train)
+    site_id: str = ""  # query
+    global_step: int = 0  # train
+
+
+def run_task(req: TaskRequest) -> TaskResult:
+    """Dispatch one request. A query starts each federated run (the coordinator identifies its
+    hospitals), so it drops the memoised site: a long-lived process sees this month's data."""
+    node = NodeSettings.from_configs(req.node_config, req.run_config)
+    cfg = RoundConfig.from_record(req.config)
+    if req.kind == "query":
+        _load.cache_clear()
+        site_id, counts = statistics(node, cfg)
+        return TaskResult(counts, site_id=site_id)
+    if req.arrays is None:
+        raise ConfigError(f"a {req.kind} request needs the global model arrays")
+    import torch
+
+    state = {k: torch.from_numpy(v.copy()) for k, v in req.arrays.items()}
+    if req.kind == "evaluate":
+        return TaskResult(evaluate(node, cfg, state))
+    if req.kind == "train":
+        out = train(node, cfg, state, start_step=req.start_step)
+        arrays = {k: v.detach().cpu().numpy() for k, v in out.state.items()}
+        return TaskResult(out.metrics, arrays, global_step=out.global_step)
+    raise ConfigError(f"unknown task kind {req.kind!r}; expected train|evaluate|query")

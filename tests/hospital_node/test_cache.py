@@ -47,3 +47,42 @@ def test_other_grid_is_another_entry(good_site: Path, cache_dir: Path) -> None:
 
     other = load_site(good_site, replace(SMALL, path_size=48), cache_dir)
     assert other.cache_hits == 0 and other.cases[0].path.shape == (3, 48, 48)
+
+
+def test_file_hashes_are_remembered_and_a_same_size_rewrite_is_seen(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import time
+
+    from hospital_node.cache import FileHashes
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"x" * 100)
+    memo = tmp_path / "cache" / "file-hashes.json"
+    memo.parent.mkdir()
+    first = FileHashes(memo)
+    assert first.digest(f, "a.bin") == hashlib.sha256(b"x" * 100).hexdigest()
+    first.save()
+    again = FileHashes(memo)
+    assert again.digest(f, "a.bin") == hashlib.sha256(b"x" * 100).hexdigest()
+    assert (again.hashed, again.reused) == (0, 1)  # not read again
+    time.sleep(0.05)  # kernel file timestamps tick in milliseconds
+    st = f.stat()
+    f.write_bytes(b"y" * 100)  # same size, and the old mtime put back
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = FileHashes(memo)
+    assert changed.digest(f, "a.bin") == hashlib.sha256(b"y" * 100).hexdigest()
+    assert changed.hashed == 1  # ctime moved: re-read
+    memo.write_text("{not json")
+    assert FileHashes(memo).digest(f, "a.bin") == hashlib.sha256(b"y" * 100).hexdigest()
+
+
+def test_second_load_reads_no_source_file_for_hashing(good_site: Path, cache_dir: Path) -> None:
+    import json
+
+    load_site(good_site, SMALL, cache_dir)
+    memo = json.loads((cache_dir / "file-hashes.json").read_text())
+    n_files = len([p for p in (good_site / "ct").rglob("*") if p.is_file()]) + \
+        len(list((good_site / "pathology").iterdir()))
+    assert len(memo["files"]) == n_files
+    assert not [k for k in memo["files"] if k.startswith("/")]  # relative to the site root

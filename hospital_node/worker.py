@@ -1,0 +1,145 @@
+"""A long-lived task worker next to a hospital's SuperNode.
+
+Flower 1.42 starts a fresh `flwr-clientapp` process for every message and has no option to keep
+one alive, so each message would pay for importing torch, MONAI and timm (seconds) before any
+work. `fedsight node start` therefore starts this worker beside the SuperNode; the ClientApp
+(client_app.py) only unpacks the message and hands the task (hospital_node.task.TaskRequest) to
+the worker over a Unix socket named in the node config (`worker-socket`), then packs the reply.
+If no worker answers, the ClientApp runs the task itself.
+
+The socket lives in a folder only this user can open (0700) and connections must prove the key in
+`<socket>.key` (0600); everything stays on this machine. One request at a time, in order. The
+worker exits when its parent (the SuperNode) is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+
+from hospital_node import task
+
+log = logging.getLogger("fedsight.node.worker")
+PROTOCOL = 1
+
+
+class WorkerUnavailable(RuntimeError):
+    """No worker answers on the socket (not started, exited, or the key does not match)."""
+
+
+class WorkerTaskFailed(RuntimeError):
+    """The worker ran the task and it failed; the message is the exception type only."""
+
+
+def key_path(socket: Path) -> Path:
+    return socket.with_name(socket.name + ".key")
+
+
+def call(socket: Path, req: task.TaskRequest, timeout: float = 5.0) -> task.TaskResult:
+    """Send one request to the worker and wait for its result (no timeout on the work)."""
+    try:
+        key = key_path(socket).read_bytes()
+        conn = _connect(socket, key, timeout)
+    except (OSError, EOFError) as e:
+        raise WorkerUnavailable(f"no worker at {socket} ({type(e).__name__})") from None
+    with conn:
+        try:
+            conn.send((PROTOCOL, req))
+            status, payload = conn.recv()
+        except (OSError, EOFError) as e:
+            raise WorkerUnavailable(f"worker at {socket} went away ({type(e).__name__})") from None
+    if status == "ok":
+        return payload
+    raise WorkerTaskFailed(str(payload))
+
+
+def _connect(socket: Path, key: bytes, timeout: float) -> Connection:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return Client(str(socket), family="AF_UNIX", authkey=key)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+def _handle(conn: Connection) -> None:
+    try:
+        version, req = conn.recv()
+    except (OSError, EOFError):
+        return
+    if version != PROTOCOL or not isinstance(req, task.TaskRequest):
+        conn.send(("error", f"protocol mismatch (got {version!r})"))
+        return
+    try:
+        result = task.run_task(req)
+    except Exception as e:  # reported to the ClientApp by type only; details stay in this log
+        log.exception("%s failed at this hospital", req.kind)
+        conn.send(("error", type(e).__name__))
+        return
+    conn.send(("ok", result))
+
+
+def _exit_with_parent(parent: int, every: float = 2.0) -> None:
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent:
+            log.info("parent %d is gone; worker exits", parent)
+            os._exit(0)
+
+
+def prepare_socket(folder: Path | None = None) -> Path:
+    """A fresh private folder with the socket path and its key file; returns the socket path."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="fedsight-node-", dir=folder))  # mode 0700
+    socket = base / "worker.sock"
+    fd = os.open(key_path(socket), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return socket
+
+
+def serve(socket: Path, warm: bool = True) -> None:
+    key = key_path(socket).read_bytes()
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    with Listener(str(socket), family="AF_UNIX", authkey=key) as listener:
+        os.chmod(socket, 0o600)
+        log.info("worker ready on %s", socket)
+        if warm:  # import the heavy modules now, not when the first round arrives
+            for module in ("multimodal.train", "multimodal.evaluate", "hospital_node.dataset"):
+                importlib.import_module(module)
+        while True:
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError) as e:  # a client that failed the key check, etc.
+                log.warning("rejected a connection (%s)", type(e).__name__)
+                continue
+            with conn:
+                _handle(conn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vocab.offline import enforce_offline
+
+    enforce_offline()
+    ap = argparse.ArgumentParser(description="fedsight node task worker (started by node start)")
+    ap.add_argument("--socket", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    serve(args.socket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
