@@ -68,6 +68,8 @@ class ModelConfig:
     # stem stride (2,4,4) -> 16^3 cells, then stride-2 residual units with these channels.
     ct_stem_stride: tuple[int, int, int] = (2, 4, 4)
     ct_channels: tuple[int, ...] = (16, 32, 64)
+    # Fixed lung-nodule enhancement channel in front of the stem (encoders.BlobFilter).
+    ct_blob_filter: bool = True
     ct_cells: tuple[int, int, int] = (2, 2, 2)  # CT feature map pooled to this grid -> tokens
     # Pathology: any timm architecture by name (pretrained=False: hospitals are offline).
     # mobilenetv3_small_050 measured 5.5 / 13 ms fwd / fwd+bwd at 128x128 (resnet10t: 18 / 41).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 
 from multimodal.config import ModelConfig
@@ -17,31 +18,77 @@ from vocab.ehr_schema import EhrSchema
 from vocab.errors import ConfigError
 
 
+# blob responses are ~0.05-0.5 (HU/1000 contrast); scaled to the order of normalised features
+BLOB_GAIN = 10.0
+
+
+class BlobFilter(nn.Module):
+    """Fixed (not learned) nodule-enhancement channel, as in classic lung CAD: a difference of
+    local means (3^3 minus 9^3 voxels) kept only where the surroundings look like lung.
+
+    Why: a 5-15 mm nodule is 1-3 voxels on the default grid; trained from scratch on a few hundred
+    cases, the patchify stem never found it (CT-only AUC ~0.5). This channel hands the network
+    "moderately dense blob inside lung", which it then weighs; it has no parameters, so it costs
+    nothing in federated rounds and behaves identically at every hospital.
+    x is HU / 1000 (multimodal.data.HU_CLIP): lung ~ -0.85, soft tissue ~ 0.
+    """
+
+    def __init__(self, lung_below: float = -0.5, sharpness: float = 10.0) -> None:
+        super().__init__()
+        self.lung_below = lung_below
+        self.sharpness = sharpness
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> same
+        local = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+        context = F.avg_pool3d(x, 9, stride=1, padding=4, count_include_pad=False)
+        in_lung = torch.sigmoid(self.sharpness * (self.lung_below - context))
+        return F.relu(local - context) * in_lung
+
+
 class CTEncoder(nn.Module):
-    """Patchify stem + stride-2 residual units (GroupNorm: no batch statistics, so absent or
-    other rows never change a case's features, and site-local batch stats don't fight FedAvg)."""
+    """Blob channel + patchify stem + stride-2 residual units (GroupNorm: no batch statistics, so
+    absent or other rows never change a case's features, and site-local batch stats don't fight
+    FedAvg); the feature map is pooled to ct_cells by mean and max (a small lesion survives max
+    pooling, where a mean over a whole cell dilutes it)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         ch = cfg.ct_channels
         norm = ("group", {"num_groups": 4})
-        # space-to-depth stem: (1, 32, 64, 64) -> (ch0, 16, 16, 16)
-        self.stem = Convolution(3, 1, ch[0], strides=cfg.ct_stem_stride,
+        self.blob = BlobFilter() if cfg.ct_blob_filter else None
+        in_ch = 2 if self.blob is not None else 1
+        # space-to-depth stem: (in_ch, 32, 64, 64) -> (ch0, 16, 16, 16)
+        self.stem = Convolution(3, in_ch, ch[0], strides=cfg.ct_stem_stride,
                                 kernel_size=cfg.ct_stem_stride, padding=0, act="GELU", norm=norm)
+        # the blob channel's strongest response per stem patch, so patchify can't average it away
+        self.blob_max = nn.MaxPool3d(cfg.ct_stem_stride) if self.blob is not None else None
+        self.blob_proj = nn.Conv3d(1, ch[0], 1) if self.blob is not None else None
         self.stages = nn.Sequential(*[
             ResidualUnit(3, ch[i - 1] if i else ch[0], ch[i], strides=2, kernel_size=3,
                          subunits=1, act="GELU", norm=norm)
             for i in range(len(ch))
         ])
         self.feature_layer = nn.Identity()  # output: (B, C, d, h, w) last conv feature map
-        self.pool = nn.AdaptiveAvgPool3d(cfg.ct_cells)
-        self.proj = nn.Linear(ch[-1], cfg.d_model)
+        self.avg_pool = nn.AdaptiveAvgPool3d(cfg.ct_cells)
+        self.max_pool = nn.AdaptiveMaxPool3d(cfg.ct_cells)
+        # tokens also see each cell's strongest blob response directly (a shortcut the deep path
+        # needs hundreds of steps to discover on its own)
+        n_blob = 1 if self.blob is not None else 0
+        self.proj = nn.Linear(2 * ch[-1] + n_blob, cfg.d_model)
         self.n_tokens = cfg.ct_cells[0] * cfg.ct_cells[1] * cfg.ct_cells[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, D, H, W)
-        f = self.feature_layer(self.stages(self.stem(x)))  # (B, C, d, h, w)
-        t = self.pool(f).flatten(2).transpose(1, 2)  # (B, T, C)
-        return self.proj(t)  # (B, T, D)
+        if self.blob is not None:
+            blob = self.blob(x)  # (B, 1, D, H, W)
+            h = self.stem(torch.cat([x, blob], 1)) + self.blob_proj(self.blob_max(blob))
+        else:
+            h = self.stem(x)  # (B, C0, D/2, H/4, W/4)
+        f = self.feature_layer(self.stages(h))  # (B, C, d, h, w)
+        parts = [self.avg_pool(f), self.max_pool(f)]  # (B, C, *cells) each
+        if self.blob is not None:
+            parts.append(BLOB_GAIN * F.adaptive_max_pool3d(blob, self.avg_pool.output_size))
+        pooled = torch.cat(parts, 1)  # (B, 2C (+1), *cells)
+        return self.proj(pooled.flatten(2).transpose(1, 2))  # (B, T, D)
 
 
 def _largest_divisor(c: int, at_most: int) -> int:
