@@ -17,7 +17,6 @@ from multimodal.config import ModelConfig
 from vocab.ehr_schema import EhrSchema
 from vocab.errors import ConfigError
 
-
 # blob responses are ~0.05-0.5 (HU/1000 contrast); scaled to the order of normalised features
 BLOB_GAIN = 10.0
 
