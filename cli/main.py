@@ -11,7 +11,7 @@ from vocab.offline import enforce_offline
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import data_cmds, demo_cmd, fl_cmds, ui_cmd
+    from cli import data_cmds, demo_cmd, eval_cmd, fl_cmds, ui_cmd
 
     parser = argparse.ArgumentParser(
         prog="fedsight",
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data_cmds.register(sub)
     demo_cmd.register(sub)
+    eval_cmd.register(sub)
     fl_cmds.register(sub)
     ui_cmd.register(sub)
     return parser
