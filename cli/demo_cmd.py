@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ui-port", type=int, default=7860,
                    help="clinician app port on 127.0.0.1 (default 7860)")
     p.add_argument("--no-ui", action="store_true", help="do not open the clinician app")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="federated rounds (Flower simulation runtime; 0 skips them)")
     p.set_defaults(func=_demo)
 
