@@ -8,11 +8,11 @@ Flower-style kebab-case; unknown keys are errors (a typo must not silently run t
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from vocab.errors import ConfigError
+from vocab.json_config import json_object
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 AggregationName = Literal["per-expert", "examples"]
@@ -83,14 +83,7 @@ class RunSettings:
             self.json_overrides(key)
 
     def json_overrides(self, key: str) -> dict[str, Any]:
-        text = getattr(self, key)
-        try:
-            value = json.loads(text or "{}")
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{key.replace('_', '-')} is not valid JSON ({e}): {text!r}") from e
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key.replace('_', '-')} must be a JSON object, got {text!r}")
-        return value
+        return json_object(getattr(self, key), key.replace("_", "-"))
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:

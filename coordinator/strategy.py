@@ -90,6 +90,16 @@ class PerExpertFedAvg(FedAvg):
         r = self.round_offset + server_round
         return self.journal.setdefault(r, RoundRecord(round=r, started=time.time()))
 
+    def _stamp(self, rec: RoundRecord, grid: Grid, messages: list[Message],
+               arrays: ArrayRecord) -> list[Message]:
+        """Name the receiving hospitals, stamp the global round, count the bytes sent."""
+        self._identify_new(grid, messages)
+        size = record_bytes(arrays)
+        for m in messages:
+            m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
+            rec.hospital(self.name_of(m.metadata.dst_node_id)).bytes_down += size
+        return messages
+
     # ---- training ----
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -98,12 +108,7 @@ class PerExpertFedAvg(FedAvg):
         stage = 1 if self.round_offset + server_round <= self.settings.stage1_rounds else 2
         config[K.STAGE] = stage
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._identify_new(grid, messages)
-        size = record_bytes(arrays)
-        for m in messages:
-            m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
-            rec.hospital(self.name_of(m.metadata.dst_node_id)).bytes_down += size
-        return messages
+        return self._stamp(rec, grid, messages, arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -177,12 +182,7 @@ class PerExpertFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         rec = self._round(server_round)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._identify_new(grid, messages)
-        size = record_bytes(arrays)
-        for m in messages:
-            m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
-            rec.hospital(self.name_of(m.metadata.dst_node_id)).bytes_down += size
-        return messages
+        return self._stamp(rec, grid, messages, arrays)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

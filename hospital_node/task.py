@@ -9,7 +9,6 @@ train/test split (hospital_node.splits).
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from vocab import records as K
 from vocab.errors import ConfigError, DataError
+from vocab.json_config import json_object
 
 # Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
 DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
@@ -95,25 +95,16 @@ class RoundConfig:
     def model_config(self) -> Any:
         from multimodal.config import ModelConfig
 
-        return ModelConfig.from_dict(_json_object(self.model_json, "model-json"))
+        return ModelConfig.from_dict(json_object(self.model_json, "model-json"))
 
     def train_config(self) -> Any:
         from multimodal.config import TrainConfig
 
-        base = TrainConfig.from_dict(_json_object(self.train_json, "train-json"))
+        base = TrainConfig.from_dict(json_object(self.train_json, "train-json"))
         return base.replace(epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size,
                             seed=self.seed * 1000 + self.server_round,
                             fedprox_mu=self.proximal_mu or base.fedprox_mu)
 
-
-def _json_object(text: str, key: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{key} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key} must be a JSON object, got {text!r}")
-    return value
 
 
 @functools.lru_cache(maxsize=4)
