@@ -21,6 +21,12 @@ from vocab.errors import ConfigError
 BLOB_GAIN = 10.0
 
 
+def _local_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over a k^3 neighbourhood (same shape out); k shrinks to fit small grids."""
+    ks = [min(k, s if s % 2 else s - 1) for s in x.shape[2:]]
+    return F.avg_pool3d(x, ks, stride=1, padding=[q // 2 for q in ks], count_include_pad=False)
+
+
 class BlobFilter(nn.Module):
     """Fixed (not learned) nodule-enhancement channel, as in classic lung CAD: a difference of
     local means (3^3 minus 9^3 voxels) kept only where the surroundings look like lung.
@@ -38,8 +44,8 @@ class BlobFilter(nn.Module):
         self.sharpness = sharpness
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W) -> same
-        local = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
-        context = F.avg_pool3d(x, 9, stride=1, padding=4, count_include_pad=False)
+        local = _local_mean(x, 3)
+        context = _local_mean(x, 9)
         in_lung = torch.sigmoid(self.sharpness * (self.lung_below - context))
         return F.relu(local - context) * in_lung
 
