@@ -40,6 +40,11 @@ class ModelOutput:
     z_loss: torch.Tensor
 
 
+def pool_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) tokens -> (B, 2D): mean and max over tokens."""
+    return torch.cat([t.mean(1), t.amax(1)], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -85,7 +90,9 @@ class FedsightModel(nn.Module):
                                          for m, n in self.n_tokens.items()})
         self.type_emb = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02)
                                           for m in cfg.modalities})
-        self.aux_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        # aux heads read mean+max over the modality's tokens: a lesion sits in one CT cell and a
+        # mean over all cells dilutes it (the CT-only model did not learn with a mean readout)
+        self.aux_heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, 1))
                                         for m in cfg.modalities})
         n_total = 1 + sum(self.n_tokens.values())
         if cfg.fusion == "moe":
@@ -99,7 +106,8 @@ class FedsightModel(nn.Module):
             self.head = nn.Linear(2 * d, 1)
         else:  # dense late fusion: concat pooled modality features -> MLP
             m = len(cfg.modalities)
-            self.late_mlp = nn.Sequential(nn.LayerNorm(m * d), nn.Linear(m * d, d), nn.GELU(),
+            self.late_mlp = nn.Sequential(nn.LayerNorm(2 * m * d), nn.Linear(2 * m * d, d),
+                                          nn.GELU(),
                                           nn.Linear(d, 1))
         # Not state: fitted on validation data and stored in the checkpoint next to the weights.
         self.temperature = 1.0
@@ -145,12 +153,13 @@ class FedsightModel(nn.Module):
         inputs = {"ct": ((ct,), ct_present), "path": ((path,), path_present),
                   "ehr": ((ehr, ehr_observed), ehr_present)}
         tokens = {m: self._encode(m, *inputs[m]) for m in self.cfg.modalities}  # (B, T_m, D)
-        aux = {m: self.aux_heads[m](t.mean(1)).squeeze(-1) for m, t in tokens.items()}  # (B,)
+        aux = {m: self.aux_heads[m](pool_tokens(t)).squeeze(-1)
+               for m, t in tokens.items()}  # (B,)
         zero = ct.new_zeros(())
         if not fuse:
             return ModelOutput(None, aux, zero, zero, zero)
         if self.cfg.fusion == "late":
-            feats = torch.cat([t.mean(1) for t in tokens.values()], dim=-1)  # (B, M*D)
+            feats = torch.cat([pool_tokens(t) for t in tokens.values()], dim=-1)  # (B, 2*M*D)
             return ModelOutput(self.late_mlp(feats).squeeze(-1), aux, zero, zero, zero)
 
         b = ct.shape[0]
