@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vocab.json_config import json_safe
+
 
 @dataclass
 class HospitalRound:
@@ -40,18 +42,7 @@ class RoundRecord:
         return self.finished - self.started
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self))
-
-
-def _finite(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None (json.dumps would write invalid JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+        return json_safe(asdict(self))
 
 
 def pooled_means(per_hospital: dict[str, dict[str, float]], weight_key: str = "n"

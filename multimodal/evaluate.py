@@ -19,6 +19,7 @@ from multimodal.data import Batch, PreparedCase
 from multimodal.metrics import all_metrics
 from multimodal.model import EXPERT_GROUPS, FedsightModel
 from multimodal.train import as_batch
+from vocab.json_config import json_safe
 from vocab.modalities import MODALITIES, combo_name, modality_combinations
 
 POOLED = "pooled"
@@ -76,15 +77,7 @@ class EvalReport:
         return asdict(self)
 
     def to_json(self, indent: int = 2) -> str:
-        def clean(x: Any) -> Any:
-            if isinstance(x, float) and not math.isfinite(x):
-                return None
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            if isinstance(x, list):
-                return [clean(v) for v in x]
-            return x
-        return json.dumps(clean(self.to_dict()), indent=indent)
+        return json.dumps(json_safe(self.to_dict()), indent=indent)
 
     def to_markdown(self) -> str:
         f = lambda v: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
