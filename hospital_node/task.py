@@ -124,14 +124,19 @@ class SiteData:
 
 
 def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0) -> SiteData:
+    """The site's labelled cases on the fixed split, with clinician feedback applied to the
+    training split (hospital_node.feedback_labels)."""
+    from hospital_node.feedback_labels import apply_feedback, read_feedback_labels
     from hospital_node.splits import split_of
 
     site = _load(node.data_dir, inputs, node.cache_dir)
-    cases = sorted((c for c in site.cases if c.label is not None), key=lambda c: c.case_id)
+    feedback = read_feedback_labels(node.data_dir)
+    cases = sorted((c for c in site.cases if c.label is not None or c.case_id in feedback),
+                   key=lambda c: c.case_id)
     if max_cases > 0:
         cases = cases[:max_cases]
-    train = [c for c in cases if split_of(c.case_id, seed) == "train"]
-    test = [c for c in cases if split_of(c.case_id, seed) == "test"]
+    split = apply_feedback(cases, feedback, lambda cid: split_of(cid, seed))
+    train, test = split.train, split.test
     summary = {
         "cases-total": len(site.report.cases), "cases-usable": site.report.n_usable,
         "cases-excluded": len(site.report.cases) - site.report.n_usable,
@@ -141,6 +146,7 @@ def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0) ->
         "with-ct": sum(c.ct is not None for c in cases),
         "with-path": sum(c.path is not None for c in cases),
         "with-ehr": sum(c.ehr is not None for c in cases),
+        "feedback-train": split.feedback_train, "feedback-changed": split.feedback_changed,
     }
     return SiteData(node.site_id or site.site_id, train, test, summary)
 

@@ -92,6 +92,10 @@ class ModelConfig:
     router_noise_steps: int = 100
     # Switch/GShard load-balancing loss coefficient (1.0 at perfect balance, times this).
     balance_coef: float = 0.1
+    # Per-patient expert capacity (moe.py): an expert takes at most
+    # ceil(factor * tokens * top_k / n_experts) of one patient's token slots; 0 = plain top-k.
+    # 1.0 bounds every expert's share at 1.14x the mean on the default 21-token patient.
+    expert_capacity_factor: float = 1.0
     # Router z-loss (ST-MoE): keeps float32 router logits small; cheap stabiliser.
     z_coef: float = 1e-3
 
@@ -111,6 +115,9 @@ class ModelConfig:
             raise ConfigError(
                 f"router_noise must be none|gaussian|gumbel, got {self.router_noise!r}"
             )
+        if self.expert_capacity_factor < 0:
+            raise ConfigError(f"expert_capacity_factor must be >= 0 (0 = no capacity limit), "
+                              f"got {self.expert_capacity_factor}")
         if len(self.ct_channels) < 1:
             raise ConfigError("ct_channels needs at least one stage")
 

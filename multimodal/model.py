@@ -68,7 +68,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.moe = MoE(cfg.d_model, cfg.expert_hidden, cfg.n_experts, cfg.top_k,
-                       cfg.shared_expert, cfg.router_noise, cfg.router_noise_std)
+                       cfg.shared_expert, cfg.router_noise, cfg.router_noise_std,
+                       cfg.expert_capacity_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))  # (B, T, D)

@@ -87,8 +87,12 @@ class FeedbackStore:
         return cls(Path(root) / FEEDBACK_DB)
 
     def _connect(self, create: bool) -> sqlite3.Connection:
-        if not create and not self.path.is_file():
-            raise FileNotFoundError(self.path)
+        if not create:
+            if not self.path.is_file():
+                raise FileNotFoundError(self.path)
+            # Readers (the hospital node) open read-only: they must never modify the store.
+            return sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True,
+                                   timeout=10)
         con = sqlite3.connect(self.path, timeout=10)
         if create:
             con.executescript(_DDL)

@@ -45,6 +45,7 @@ SITE_ID: Final = "site-id"
 QUERY_METRIC_KEYS: Final = frozenset({
     "cases-total", "cases-usable", "cases-excluded", "cases-train", "cases-test",
     "positives-train", "positives-test", "with-ct", "with-path", "with-ehr",
+    "feedback-train", "feedback-changed",  # clinician feedback used as training labels (counts)
 })
 
 _EXPERT_KEY = re.compile(re.escape(EXPERT_TOKENS_PREFIX) + r"\.\d+\.\d+")
