@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override TrainConfig.epochs")
     ap.add_argument("--only", default="fused,ct,path,ehr,late", help="models to train")
+    ap.add_argument("--model-seeds", default="0", help="comma-separated training seeds (model "
+                    "init, batches, dropout); the split stays fixed by --seed. Reports mean and "
+                    "spread; per-combination tables come from the first seed")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--md", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -159,16 +163,37 @@ def main(argv: list[str] | None = None) -> int:
     }
     reports: dict[str, EvalReport] = {}
     models: dict[str, FedsightModel] = {}
-    for name in args.only.split(","):
-        model = build_model(variants[name], seed=args.seed)
-        res = train_local(model, train, tcfg)
-        fit_model_temperature(model, val)
-        rep = evaluate(model, test)
-        reports[name], models[name] = rep, model
-        p = rep.row("pooled", "available")
-        print(f"[{name}] trained {res.seconds / 60:.2f} min ({res.steps} steps); pooled test AUC "
-              f"{p.auc:.3f}, T={model.temperature:.2f}", flush=True)
-        out[f"train_minutes_{name}"] = res.seconds / 60
+    model_seeds = [int(x) for x in args.model_seeds.split(",")]
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    for ms in model_seeds:
+        for name in args.only.split(","):
+            model = build_model(variants[name], seed=ms)
+            res = train_local(model, train, tcfg.replace(seed=ms))
+            fit_model_temperature(model, val)
+            rep = evaluate(model, test)
+            if ms == model_seeds[0]:
+                reports[name], models[name] = rep, model
+                out[f"train_minutes_{name}"] = res.seconds / 60
+            p = rep.row("pooled", "available")
+            combo = {"ct": "ct", "path": "path", "ehr": "ehr"}.get(name, "ct+path+ehr")
+            r3 = rep.row("pooled", combo)
+            per_seed.setdefault(name, []).append(
+                {"seed": ms, "auc_available": p.auc, f"auc_{combo}": r3.auc if r3 else math.nan,
+                 "minutes": res.seconds / 60, **rep.expert_summary})
+            print(f"[{name} seed {ms}] trained {res.seconds / 60:.2f} min ({res.steps} steps); "
+                  f"pooled test AUC {p.auc:.3f}, T={model.temperature:.2f}", flush=True)
+    out["per_seed"] = per_seed
+    if len(model_seeds) > 1:
+        print("\n## Over model seeds", model_seeds, "(pooled test AUC, mean / min / max)\n")
+        for name, rows in per_seed.items():
+            for key in [k for k in rows[0] if k.startswith("auc_")]:
+                v = np.array([r[key] for r in rows])
+                print(f"{name:6s} {key:18s} mean {v.mean():.3f}  min {v.min():.3f}  "
+                      f"max {v.max():.3f}")
+        if "fused" in per_seed and "late" in per_seed:
+            d = [f["auc_available"] - lt["auc_available"]
+                 for f, lt in zip(per_seed["fused"], per_seed["late"], strict=True)]
+            print(f"fused - late (available), per seed: {[round(x, 3) for x in d]}")
     summary: dict[str, float] = {}
     for name, rep in reports.items():
         combo = {"ct": "ct", "path": "path", "ehr": "ehr"}.get(name, "ct+path+ehr")

@@ -1,5 +1,6 @@
-"""Federated-learning subcommands: `coordinator start|run|schedule`, `models list|show|promote|
-rollback`, and the `node start` handler (registered under `node` in data_cmds)."""
+"""Federated-learning subcommands: `coordinator start|register-node|run|schedule`, `models
+list|show|promote|rollback`, and the `node start` handler (registered under `node` in
+data_cmds)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SuperLink state database (default HOME/superlink.db); 'memory' keeps "
                    "it in memory (loopback tests, benchmarks)")
     _tls_args(s, server=True)
+    s.add_argument("--node-auth", action="store_true",
+                   help="admit only SuperNodes whose public key was registered "
+                   "(`coordinator register-node`); needs --tls-dir")
     s.set_defaults(func=_coordinator_start)
+
+    g = co_sub.add_parser("register-node",
+                          help="register a hospital's SuperNode public key (for --node-auth)")
+    g.add_argument("public_key", type=Path, metavar="PUBKEY",
+                   help="the hospital's OpenSSH ECDSA public key (node-<hospital>.pub)")
+    g.add_argument("--coordinator", default="127.0.0.1:9092", help="SuperLink HOST:PORT")
+    g.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    g.add_argument("--tls", type=Path, default=None, metavar="CA", help="CA certificate (PEM)")
+    g.set_defaults(func=_coordinator_register_node)
 
     r = co_sub.add_parser("run", help="submit one federated run to the SuperLink and wait")
     r.add_argument("--coordinator", default="127.0.0.1:9092", help="SuperLink HOST:PORT")
@@ -82,6 +95,10 @@ def register_node_start(node_sub: argparse._SubParsersAction) -> None:
     n.add_argument("--no-worker", action="store_true",
                    help="run each task in Flower's per-message process (slower start-up) "
                    "instead of a long-lived local worker")
+    n.add_argument("--auth-key", type=Path, default=None, metavar="PRIVATE_KEY",
+                   help="this hospital's SuperNode private key (OpenSSH ECDSA, node-<hospital> "
+                   "from deploy/gen-certs.sh) when the coordinator uses --node-auth; its .pub "
+                   "must be registered there; needs --tls")
     n.set_defaults(func=_node_start)
 
 
@@ -95,7 +112,7 @@ def _node_start(args: argparse.Namespace) -> int:
     from hospital_node.agent import NodeStart, start
 
     start(NodeStart(args.data, args.coordinator, args.tls, args.site_id, args.cache_dir,
-                    args.port, worker=not args.no_worker))
+                    args.port, worker=not args.no_worker, auth_key=args.auth_key))
     return 0  # not reached: start() execs flower-supernode
 
 
@@ -109,10 +126,23 @@ def _coordinator_start(args: argparse.Namespace) -> int:
     args.home.mkdir(parents=True, exist_ok=True)
     database = None if args.database == "memory" else \
         Path(args.database) if args.database else args.home / "superlink.db"
-    cmd = superlink_command(args.host, args.port, database, tls)
+    cmd = superlink_command(args.host, args.port, database, tls, node_auth=args.node_auth)
     print(f"[coordinator] SuperLink on {args.host}:{args.port} "
-          f"({'TLS' if tls else 'INSECURE'}), state {args.home}", flush=True)
+          f"({'TLS' if tls else 'INSECURE'}{', registered nodes only' if args.node_auth else ''})"
+          f", state {args.home}", flush=True)
     os.execve(cmd[0], cmd, process_env())
+    return 0
+
+
+def _coordinator_register_node(args: argparse.Namespace) -> int:
+    from coordinator.launch import check_node_public_key, register_node, write_connection
+
+    check_node_public_key(args.public_key)  # before touching HOME
+    flwr_home = args.home.resolve() / "flwr"
+    write_connection(flwr_home, args.coordinator, args.tls)
+    node_id = register_node(flwr_home, args.public_key)
+    print(f"[coordinator] registered {args.public_key} as SuperNode {node_id}; that hospital "
+          "starts with `fedsight node start --auth-key <its private key> --tls <CA>`")
     return 0
 
 

@@ -29,6 +29,10 @@ class RunFailed(FedsightError):
     """The federated run could not be submitted or did not finish successfully."""
 
 
+class RegistrationFailed(FedsightError):
+    """The SuperLink did not register a hospital's SuperNode public key."""
+
+
 def process_env(flwr_home: Path | None = None) -> dict[str, str]:
     env = {**os.environ, **OFFLINE_ENV}
     bindir = str(Path(sys.executable).parent)
@@ -57,19 +61,66 @@ class TlsFiles:
                 raise ConfigError(f"TLS {what} {str(p)!r} is not a PEM file")
 
 
-def superlink_command(host: str, port: int, database: Path | None, tls: TlsFiles | None
-                      ) -> list[str]:
+def superlink_command(host: str, port: int, database: Path | None, tls: TlsFiles | None,
+                      node_auth: bool = False) -> list[str]:
     """database None: Flower's in-memory state (nothing survives a restart, but no SQLite file
-    lock: on an overloaded machine the file database failed runs with 'database is locked')."""
+    lock: on an overloaded machine the file database failed runs with 'database is locked').
+    node_auth: only SuperNodes whose public key was registered (register_node) may join."""
     cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--host", host,
            "--port", str(port), "--disable-runtime-dependency-installation"]
     if database is not None:
         cmd += ["--database", str(database)]
+    if node_auth:
+        if tls is None:  # flower-superlink refuses it too, but only after starting
+            raise ConfigError("--node-auth needs --tls-dir: Flower authenticates SuperNodes "
+                              "only over TLS")
+        cmd.append("--enable-supernode-auth")
     if tls is None:
         return cmd + ["--insecure"]
     tls.check(server=True)
     return cmd + ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert),
                   "--ssl-keyfile", str(tls.key)]
+
+
+MAX_KEY_BYTES = 16 * 1024  # an OpenSSH ECDSA key is well under 1 KiB
+
+
+def check_node_public_key(path: Path) -> None:
+    """A hospital's SuperNode public key as `flwr supernode register` accepts it: OpenSSH
+    format, ECDSA on a NIST curve (deploy/gen-certs.sh: node-<hospital>.pub). Errors name the
+    path and what is wrong, never the file's contents."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    what = f"SuperNode public key {str(path)!r}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} does not exist or is not a file")
+    try:
+        with Path(path).open("rb") as f:
+            data = f.read(MAX_KEY_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} is unreadable ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_KEY_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_KEY_BYTES} bytes: not a key file")
+    if b"PRIVATE KEY-----" in data:  # the private key stays at the hospital
+        raise ConfigError(f"{what} is a private key; register the hospital's .pub file")
+    try:
+        key = load_ssh_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{what} is not an OpenSSH public key (one line 'ecdsa-sha2-nistp384 "
+                          "...', e.g. node-<hospital>.pub from deploy/gen-certs.sh)") from None
+    nist = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # what Flower accepts (and SSH has)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, nist):
+        raise ConfigError(f"{what} is a key of type {_key_kind(key)}; Flower needs ECDSA on a "
+                          "NIST curve (ssh-keygen -t ecdsa -b 384)")
+
+
+def _key_kind(key: object) -> str:
+    """'RSA', 'Ed25519', 'EC secp256k1', ...: the key's type, for messages."""
+    curve = getattr(key, "curve", None)
+    return f"EC {curve.name}" if curve is not None else \
+        type(key).__name__.removesuffix("PublicKey")
 
 
 def write_connection(flwr_home: Path, address: str, root_cert: Path | None) -> None:
@@ -83,6 +134,26 @@ def write_connection(flwr_home: Path, address: str, root_cert: Path | None) -> N
         TlsFiles(root_cert).check(server=False)
         lines.append(f'root-certificates = "{Path(root_cert).resolve()}"')
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def register_node(flwr_home: Path, public_key: Path) -> int:
+    """Register a hospital's SuperNode public key with the SuperLink of the connection in
+    flwr_home (write_connection) through Flower's own CLI, `flwr supernode register`; returns
+    the node id the SuperLink gave it."""
+    check_node_public_key(public_key)
+    cmd = [str(Path(sys.executable).parent / "flwr"), "supernode", "register",
+           str(Path(public_key).resolve()), CONNECTION, "--format", "json"]
+    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
+                          timeout=120, check=False)
+    try:
+        out = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise RegistrationFailed(f"flwr supernode register failed (exit {proc.returncode}): "
+                                 f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+    if not out.get("success") or not out.get("node-id"):
+        why = " ".join(str(out.get("error-message", out)).split())  # one line for the CLI
+        raise RegistrationFailed(f"the SuperLink did not register {str(public_key)!r}: {why}")
+    return int(out["node-id"])
 
 
 def _toml_value(v: Any) -> str:

@@ -1,16 +1,20 @@
-"""`fedsight node start`: check the site, check the coordinator and certificate, then run a real
-`flower-supernode` with this hospital's node config. Nothing is kept between calls."""
+"""`fedsight node start`: check the site, check the coordinator, certificate and node key, then
+run a real `flower-supernode` with this hospital's node config. Nothing is kept between calls."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from vocab.errors import ConfigError, DataError, FedsightError
 from vocab.offline import OFFLINE_ENV
+
+AUTH_NEEDS_TLS = "--auth-key needs --tls: Flower authenticates SuperNodes only over TLS"
+MAX_KEY_BYTES = 16 * 1024  # an OpenSSH ECDSA key is well under 1 KiB
 
 
 class CoordinatorUnreachable(FedsightError):
@@ -29,6 +33,8 @@ class NodeStart:
     # Run tasks in a long-lived worker beside the SuperNode (hospital_node.worker) instead of
     # paying the imports in the fresh process Flower starts for every message.
     worker: bool = True
+    # OpenSSH ECDSA private key whose public half the coordinator registered (its --node-auth).
+    auth_key: Path | None = None
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.coordinator.rpartition(":")
@@ -46,6 +52,55 @@ def check_certificate(path: Path) -> None:
         raise ConfigError(f"TLS CA certificate {str(path)!r} is unreadable: {e}") from e
     if b"-----BEGIN CERTIFICATE-----" not in head:
         raise ConfigError(f"TLS CA certificate {str(path)!r} is not a PEM certificate")
+
+
+def check_auth_key(path: Path) -> None:
+    """--auth-key as flower-supernode reads it: an unencrypted OpenSSH ECDSA private key.
+    Errors name the option, the path and what is wrong, never the key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    what = f"--auth-key {str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{what} does not exist or is not a file")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_KEY_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} is unreadable ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_KEY_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_KEY_BYTES} bytes: not a key file")
+    try:
+        key = load_ssh_private_key(data, password=None)
+    except ValueError:
+        raise ConfigError(f"{what} {_not_a_private_key(data)}") from None
+    except (TypeError, UnsupportedAlgorithm):  # encrypted: Flower passes no passphrase
+        raise ConfigError(f"{what} is passphrase-protected or uses an unsupported cipher; "
+                          "flower-supernode needs an unencrypted key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        kind = type(key).__name__.removesuffix("PrivateKey")
+        raise ConfigError(f"{what} is a key of type {kind}; Flower needs ECDSA "
+                          "(ssh-keygen -t ecdsa -b 384)")
+
+
+def _not_a_private_key(data: bytes) -> str:
+    """Why data is no OpenSSH private key, for the two usual mix-ups."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    try:
+        load_ssh_public_key(data)
+        is_public = True
+    except (ValueError, UnsupportedAlgorithm):
+        is_public = b"PUBLIC KEY-----" in data  # PEM
+    if is_public:
+        return ("is a public key; pass the private key (node-<hospital>, not the .pub "
+                "registered at the coordinator)")
+    if b"PRIVATE KEY-----" in data:
+        return ("is a PEM private key; flower-supernode reads only the OpenSSH format "
+                "(ssh-keygen -t ecdsa -b 384)")
+    return "is not an OpenSSH private key"
 
 
 def check_reachable(host: str, port: int, timeout: float = 5.0) -> None:
@@ -87,6 +142,10 @@ def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None 
            spec.coordinator, "--node-config", " ".join(cfg), "--port", str(spec.clientapp_port)]
     if spec.max_retries:
         cmd += ["--max-retries", str(spec.max_retries)]
+    if spec.auth_key is not None:
+        if spec.tls_ca is None:  # flower-supernode would exit with code 303
+            raise ConfigError(AUTH_NEEDS_TLS)
+        cmd += ["--auth-supernode-private-key", str(spec.auth_key.resolve())]
     if spec.tls_ca is None:
         return cmd + ["--insecure"]
     return cmd + ["--root-certificates", str(spec.tls_ca.resolve())]
@@ -103,6 +162,10 @@ def prepare(spec: NodeStart) -> tuple[str, str]:
     host, port = spec.host_port()
     if spec.tls_ca is not None:
         check_certificate(spec.tls_ca)
+    if spec.auth_key is not None:
+        if spec.tls_ca is None:
+            raise ConfigError(AUTH_NEEDS_TLS)
+        check_auth_key(spec.auth_key)
     if not spec.data.is_dir():
         raise DataError(f"site data root {str(spec.data)!r} does not exist or is not a folder")
     check_reachable(host, port)
@@ -110,26 +173,59 @@ def prepare(spec: NodeStart) -> tuple[str, str]:
     return spec.site_id or site_id, summary
 
 
-def start_worker(env: dict[str, str]) -> Path:
-    """Start hospital_node.worker as a child of this process (which then becomes the SuperNode:
-    the worker exits with it); returns its socket path."""
-    import subprocess
+@dataclass(frozen=True)
+class TaskWorker:
+    """The node's task worker process (hospital_node.worker) and its socket."""
 
-    from hospital_node.worker import prepare_socket
+    socket: Path
+    proc: subprocess.Popen
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop the worker and remove its socket folder (itself too if the worker died before
+        it could)."""
+        from hospital_node.worker import remove_socket_dir
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        remove_socket_dir(self.socket)
+
+
+def start_worker(env: dict[str, str]) -> TaskWorker:
+    """Start hospital_node.worker as a child of this process, which then becomes the SuperNode:
+    the worker watches this pid, exits when it is gone and removes its socket folder then."""
+    from hospital_node.worker import prepare_socket, remove_socket_dir
 
     socket = prepare_socket()
-    subprocess.Popen([sys.executable, "-m", "hospital_node.worker", "--socket", str(socket)],
-                     env=env, stdin=subprocess.DEVNULL)
-    return socket
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "hospital_node.worker", "--socket",
+                                 str(socket), "--parent", str(os.getpid())],
+                                env=env, stdin=subprocess.DEVNULL)
+    except BaseException:
+        remove_socket_dir(socket)
+        raise
+    return TaskWorker(socket, proc)
 
 
 def start(spec: NodeStart) -> None:
-    """Replace this process by flower-supernode (signals and exit code pass straight through)."""
+    """Replace this process by flower-supernode (signals and exit code pass straight through).
+    However the SuperNode ends, the worker then removes its socket folder; if the SuperNode
+    cannot even be started, the worker is stopped and its folder removed here."""
     site_id, summary = prepare(spec)
     print(f"[node] {summary}", flush=True)
     env = node_env()
-    socket = start_worker(env) if spec.worker else None
-    cmd = supernode_command(spec, site_id, socket)
-    print(f"[node] starting SuperNode -> {spec.coordinator}"
-          f"{' (task worker ' + str(socket) + ')' if socket else ''}", flush=True)
-    os.execve(cmd[0], cmd, env)
+    worker = start_worker(env) if spec.worker else None
+    try:
+        cmd = supernode_command(spec, site_id, worker.socket if worker else None)
+        print(f"[node] starting SuperNode -> {spec.coordinator}"
+              f"{' (task worker ' + str(worker.socket) + ')' if worker else ''}"
+              f"{' with node key ' + str(spec.auth_key) if spec.auth_key else ''}", flush=True)
+        os.execve(cmd[0], cmd, env)  # returns only by raising
+    except BaseException:
+        if worker is not None:
+            worker.stop()
+        raise

@@ -9,16 +9,19 @@ If no worker answers, the ClientApp runs the task itself.
 
 The socket lives in a folder only this user can open (0700) and connections must prove the key in
 `<socket>.key` (0600); everything stays on this machine. One request at a time, in order. The
-worker exits when its parent (the SuperNode) is gone.
+worker exits when its parent (the SuperNode) is gone, on SIGTERM/SIGINT/SIGHUP and when serving
+fails, and removes the socket folder every time (a SIGKILL is the one exit it cannot see).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -29,6 +32,7 @@ from hospital_node import task
 
 log = logging.getLogger("fedsight.node.worker")
 PROTOCOL = 1
+SOCKET_DIR_PREFIX = "fedsight-node-"
 
 
 class WorkerUnavailable(RuntimeError):
@@ -89,19 +93,33 @@ def _handle(conn: Connection) -> None:
     conn.send(("ok", result))
 
 
-def _exit_with_parent(parent: int, every: float = 2.0) -> None:
+def _exit_with_parent(parent: int, socket: Path, every: float = 1.0) -> None:
+    """Checked against the pid we were given, not the parent at start-up: a SuperNode that died
+    before this thread ran would otherwise leave a worker (and its folder) behind for good."""
     while True:
-        time.sleep(every)
         if os.getppid() != parent:
             log.info("parent %d is gone; worker exits", parent)
+            remove_socket_dir(socket)
             os._exit(0)
+        time.sleep(every)
+
+
+def _exit_on_signals(socket: Path) -> None:
+    """A stop of the node's process group (SIGTERM), Ctrl-C (SIGINT) or a closed terminal
+    (SIGHUP): remove the folder and exit now, mid-task or not (the round is lost either way)."""
+    def handler(signum: int, _frame: object) -> None:
+        remove_socket_dir(socket)
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def prepare_socket(folder: Path | None = None) -> Path:
     """A fresh private folder with the socket path and its key file; returns the socket path."""
     import tempfile
 
-    base = Path(tempfile.mkdtemp(prefix="fedsight-node-", dir=folder))  # mode 0700
+    base = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir=folder))  # mode 0700
     socket = base / "worker.sock"
     fd = os.open(key_path(socket), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -109,12 +127,24 @@ def prepare_socket(folder: Path | None = None) -> Path:
     return socket
 
 
-def serve(socket: Path, warm: bool = True) -> None:
+def remove_socket_dir(socket: Path) -> None:
+    """Remove what prepare_socket made: the socket, its key and their folder, and nothing else
+    (a --socket in a shared folder loses only those two files). Missing parts are fine."""
+    for p in (socket, key_path(socket)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    if socket.parent.name.startswith(SOCKET_DIR_PREFIX):
+        with contextlib.suppress(OSError):  # already gone, or holds files that are not ours
+            socket.parent.rmdir()
+
+
+def serve(socket: Path, warm: bool = True, parent: int | None = None) -> None:
+    """Answer requests until the process ends; with parent, exit once that process is gone."""
     key = key_path(socket).read_bytes()
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     with Listener(str(socket), family="AF_UNIX", authkey=key) as listener:
         os.chmod(socket, 0o600)
+        if parent is not None:  # only now: its clean-up must not race the bind that makes the file
+            threading.Thread(target=_exit_with_parent, args=(parent, socket), daemon=True).start()
         log.info("worker ready on %s", socket)
         if warm:  # import the heavy modules now, not when the first round arrives
             for module in ("multimodal.train", "multimodal.evaluate", "hospital_node.dataset"):
@@ -135,9 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     enforce_offline()
     ap = argparse.ArgumentParser(description="fedsight node task worker (started by node start)")
     ap.add_argument("--socket", type=Path, required=True)
+    ap.add_argument("--parent", type=int, default=None,
+                    help="exit when this process is gone (default: the parent at start-up)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    serve(args.socket)
+    _exit_on_signals(args.socket)
+    try:
+        serve(args.socket, parent=args.parent or os.getppid())
+    finally:  # serving failed (e.g. a warm-up import); the exits above clean up themselves
+        remove_socket_dir(args.socket)
     return 0
 
 
