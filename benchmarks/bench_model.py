@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from multimodal.config import ModelConfig, TrainConfig
 from multimodal.data import PreparedCase
@@ -122,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="override TrainConfig.epochs")
-    ap.add_argument("--only", default="fused,ct,path,ehr,late", help="models to train")
+    ap.add_argument("--only", default="fused,ct,path,ehr,late,ct-meanhead,path-meanhead,"
+                    "ehr-meanhead", help="models to train")
     ap.add_argument("--model-seeds", default="0", help="comma-separated training seeds (model "
                     "init, batches, dropout); the split stays fixed by --seed. Reports mean and "
                     "spread; per-combination tables come from the first seed")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--md", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--faithfulness", action="store_true",
+                    help="score the CT maps of the first seed's fused and CT-only models on the "
+                    "malignant test cases with a known lesion (benchmarks/faithfulness_cases.py)")
+    ap.add_argument("--tolerance-mm", type=float, default=15.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from hospital_node.splits import split_of
@@ -160,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         "path": mcfg.replace(modalities=("path",)),
         "ehr": mcfg.replace(modalities=("ehr",)),
         "late": mcfg.replace(fusion="late"),
+        # single-modality baselines with the other head readout too: each baseline is reported
+        # with its better readout (conservative for the fused model's claimed gain)
+        "ct-meanhead": mcfg.replace(modalities=("ct",), head_readout="mean"),
+        "path-meanhead": mcfg.replace(modalities=("path",), head_readout="mean"),
+        "ehr-meanhead": mcfg.replace(modalities=("ehr",), head_readout="mean"),
     }
     reports: dict[str, EvalReport] = {}
     models: dict[str, FedsightModel] = {}
@@ -175,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 reports[name], models[name] = rep, model
                 out[f"train_minutes_{name}"] = res.seconds / 60
             p = rep.row("pooled", "available")
-            combo = {"ct": "ct", "path": "path", "ehr": "ehr"}.get(name, "ct+path+ehr")
+            combo = name.split("-")[0] if name.split("-")[0] in variants["fused"].modalities \
+                else "ct+path+ehr"
             r3 = rep.row("pooled", combo)
             per_seed.setdefault(name, []).append(
                 {"seed": ms, "auc_available": p.auc, f"auc_{combo}": r3.auc if r3 else math.nan,
@@ -190,13 +202,21 @@ def main(argv: list[str] | None = None) -> int:
                 v = np.array([r[key] for r in rows])
                 print(f"{name:6s} {key:18s} mean {v.mean():.3f}  min {v.min():.3f}  "
                       f"max {v.max():.3f}")
+        singles = {n: float(np.mean([r["auc_available"] for r in rows]))
+                   for n, rows in per_seed.items() if n not in ("fused", "late")}
+        if singles and "fused" in per_seed:
+            best = max(singles, key=lambda n: singles[n])
+            fused_mean = float(np.mean([r["auc_available"] for r in per_seed["fused"]]))
+            print(f"best single-modality model (mean over seeds, either head readout): {best} "
+                  f"{singles[best]:.3f}; fused {fused_mean:.3f} "
+                  f"({fused_mean - singles[best]:+.3f})")
         if "fused" in per_seed and "late" in per_seed:
             d = [f["auc_available"] - lt["auc_available"]
                  for f, lt in zip(per_seed["fused"], per_seed["late"], strict=True)]
             print(f"fused - late (available), per seed: {[round(x, 3) for x in d]}")
     summary: dict[str, float] = {}
     for name, rep in reports.items():
-        combo = {"ct": "ct", "path": "path", "ehr": "ehr"}.get(name, "ct+path+ehr")
+        combo = name.split("-")[0] if name.split("-")[0] in mcfg.modalities else "ct+path+ehr"
         r = rep.row("pooled", combo)
         summary[f"{name}_auc_{combo}"] = r.auc if r else float("nan")
         r = rep.row("pooled", "available")
@@ -221,6 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         out["latency"] = lat
         print(f"latency (threads={args.threads}):", json.dumps({k: round(v, 2)
                                                                    for k, v in lat.items()}))
+    if args.faithfulness:
+        from faithfulness_cases import faithfulness_report, lesion_cases
+
+        lcases = lesion_cases(fed, all_test)
+        out["faithfulness"] = {}
+        for name in [n for n in ("fused", "ct", "ct-meanhead") if n in models]:
+            print(f"\n## CT-map faithfulness, {name} model, {len(lcases)} malignant test cases "
+                  "with a known lesion", flush=True)
+            out["faithfulness"][name] = faithfulness_report(models[name], lcases,
+                                                            args.tolerance_mm)
     if args.md:
         args.md.write_text(json.dumps(out, indent=2, default=str))
     return 0

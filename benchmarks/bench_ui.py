@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vocab.offline import enforce_offline
 
@@ -39,8 +40,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-pass"
-LAYERS = ("encoders.ct.stem", "encoders.ct.stages.0", "encoders.ct.stages.1",
-          "encoders.ct.feature_layer")
 
 
 def pctl(xs: list[float], q: float) -> float:
@@ -88,46 +87,18 @@ def train_model(fed: Path, out: Path, epochs: int) -> Path:
 
 
 def faithfulness(model: Any, fed: Path, out: Path, tolerance_mm: float) -> dict[str, Any]:
-    from explain.faithfulness import ct_faithfulness, randomisation_check
+    """CT maps scored on site_a's test split and all of site_b (the model trained on site_a's
+    train split)."""
+    from faithfulness_cases import faithfulness_report, lesion_cases
+
     from hospital_node.dataset import load_site
     from hospital_node.splits import split_of
-    from synth.truth import load_truth
 
     cases = []
     for sid in ("site_a", "site_b"):
         site = load_site(fed / sid, model.cfg.inputs, out / "cache" / sid)
-        truth = load_truth(fed, sid)
-        for c in site.cases:
-            t = truth.get(c.case_id)
-            if sid == "site_a" and split_of(c.case_id, 0) != "test":
-                continue
-            if t is None or t.label != 1 or c.ct is None:
-                continue
-            idx = [les for les in t.lesions if les.kind == "index"]
-            if idx:
-                cases.append((c, idx))
-    res: dict[str, Any] = {"n_cases": len(cases), "tolerance_mm": tolerance_mm, "layers": {}}
-    for layer in LAYERS:
-        hits_exact, hits_tol, mass, frac = [], [], [], []
-        for c, les in cases:
-            centres = [x.centre_mm for x in les]
-            radii = [x.radius_mm for x in les]
-            f0 = ct_faithfulness(model, c, centres, radii, layer, tolerance_mm)
-            hits_exact.append(f0.hit_exact)
-            hits_tol.append(f0.hit)
-            mass.append(f0.mass_inside)
-            frac.append(f0.lesion_fraction)
-        res["layers"][layer] = {
-            "pointing_exact": round(float(np.mean(hits_exact)), 3) if cases else None,
-            "pointing_tol": round(float(np.mean(hits_tol)), 3) if cases else None,
-            "mass_inside": round(float(np.mean(mass)), 4) if cases else None,
-            "lesion_fraction": round(float(np.mean(frac)), 4) if cases else None,
-        }
-        print(f"[bench] faithfulness {layer}: {res['layers'][layer]}", flush=True)
-    corr = randomisation_check(model, [c for c, _ in cases[:10]], "encoders.ct.stages.0")
-    res["randomisation_spearman"] = {"median": round(float(np.median(corr)), 3),
-                                     "max": round(float(np.max(corr)), 3)} if corr else None
-    return res
+        cases += [c for c in site.cases if sid == "site_b" or split_of(c.case_id, 0) == "test"]
+    return faithfulness_report(model, lesion_cases(fed, cases), tolerance_mm)
 
 
 def free_port() -> int:

@@ -57,6 +57,19 @@ def ct_gradcam(model: FedsightModel, batch: Batch, layer: str,
     return up[0, 0].numpy().astype(np.float32)
 
 
+def ct_grad_x_activation(model: FedsightModel, batch: Batch, layer: str) -> np.ndarray:
+    """Captum LayerGradientXActivation of the calibrated logit at `layer`, summed over channels
+    and trilinearly resized to the CT grid: (D, H, W) float32. At `encoders.ct.blob` (the fixed
+    nodule channel, full resolution) it follows every path the model reads the CT through,
+    including the per-cell blob shortcut that bypasses the conv stages GradCAM looks at."""
+    shape = tuple(batch.ct.shape[2:])
+    gxa = LayerGradientXActivation(lambda ct: _calibrated_logit(model, batch, ct=ct),
+                                   resolve_layer(model, layer))
+    attr = gxa.attribute(batch.ct.clone().requires_grad_(True)).sum(1, keepdim=True)
+    up = F.interpolate(attr.detach(), size=shape, mode="trilinear", align_corners=False)
+    return up[0, 0].numpy().astype(np.float32)
+
+
 def path_gradcam(model: FedsightModel, batch: Batch, layer: str,
                  tokens: EncoderTokens | None = None) -> np.ndarray:
     """Signed LayerGradCam over the pathology tile, bilinearly upsampled: (S, S) float32."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from explain.attribution import ct_gradcam
+from explain.attribution import ct_grad_x_activation, ct_gradcam
 from explain.explanation import case_batch
 from multimodal.data import PreparedCase
 from multimodal.model import FedsightModel
@@ -66,14 +66,25 @@ class CaseFaithfulness:
 
 def ct_faithfulness(model: FedsightModel, case: PreparedCase,
                     centres_mm: Sequence[Sequence[float]], radii_mm: Sequence[float],
-                    layer: str, tolerance_mm: float) -> CaseFaithfulness:
+                    layer: str, tolerance_mm: float,
+                    method: str = "gradcam") -> CaseFaithfulness:
+    """method: "gradcam" (LayerGradCam, what the app shows) or "grad_x_act"
+    (LayerGradientXActivation)."""
     if case.ct is None or case.ct_affine is None:
         raise ValueError(f"case {case.case_id!r} has no CT (or no CT affine) to check")
-    cam = ct_gradcam(model, case_batch(model, case), layer)
+    cam = ct_map(model, case, layer, method)
     exact = lesion_mask(case.ct_affine, cam.shape, centres_mm, radii_mm)
     grown = lesion_mask(case.ct_affine, cam.shape, centres_mm, radii_mm, tolerance_mm)
     return CaseFaithfulness(case.case_id, pointing_hit(cam, grown), pointing_hit(cam, exact),
                             mass_inside(cam, exact), float(exact.mean()))
+
+
+def ct_map(model: FedsightModel, case: PreparedCase, layer: str, method: str) -> np.ndarray:
+    if method == "gradcam":
+        return ct_gradcam(model, case_batch(model, case), layer)
+    if method == "grad_x_act":
+        return ct_grad_x_activation(model, case_batch(model, case), layer)
+    raise ValueError(f"CT map method must be gradcam or grad_x_act, got {method!r}")
 
 
 def randomised_copy(model: FedsightModel, seed: int) -> FedsightModel:
@@ -99,13 +110,32 @@ def _is_bare(model: torch.nn.Module, name: str) -> bool:
 
 
 def randomisation_check(model: FedsightModel, cases: Sequence[PreparedCase], layer: str,
-                        seed: int = 0) -> list[float]:
+                        seed: int = 0, method: str = "gradcam") -> list[float]:
     """Spearman correlation between each case's CT map from `model` and from a fully
     re-initialised copy (near 0 = the map depends on what the model learned)."""
     rnd = randomised_copy(model, seed)
-    out = []
-    for c in cases:
-        a = ct_gradcam(model, case_batch(model, c), layer)
-        b = ct_gradcam(rnd, case_batch(rnd, c), layer)
-        out.append(spearman(a, b))
-    return out
+    return [spearman(ct_map(model, c, layer, method), ct_map(rnd, c, layer, method))
+            for c in cases]
+
+
+@dataclass(frozen=True)
+class LesionCase:
+    """A case with known lesion(s): centres in patient mm (LPS) and radii in mm."""
+
+    case: PreparedCase
+    centres_mm: tuple[tuple[float, float, float], ...]
+    radii_mm: tuple[float, ...]
+
+
+def pointing_game(model: FedsightModel, cases: Sequence[LesionCase], layer: str,
+                  tolerance_mm: float, method: str = "gradcam") -> dict[str, float]:
+    """Mean over cases: pointing-game hit rate (exact and within tolerance_mm), share of
+    positive attribution inside the lesion, and that share by chance (the lesion's volume)."""
+    res = [ct_faithfulness(model, c.case, c.centres_mm, c.radii_mm, layer, tolerance_mm, method)
+           for c in cases]
+    if not res:
+        return {"n": 0}
+    return {"n": len(res), "pointing_exact": float(np.mean([r.hit_exact for r in res])),
+            "pointing_tol": float(np.mean([r.hit for r in res])),
+            "mass_inside": float(np.mean([r.mass_inside for r in res])),
+            "lesion_fraction": float(np.mean([r.lesion_fraction for r in res]))}

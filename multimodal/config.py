@@ -60,6 +60,9 @@ class ModelConfig:
     # "moe": tokens -> transformer blocks with MoE FFN -> fusion token head (the model).
     # "late": dense late-fusion baseline: concat pooled encoder features -> MLP (same encoders).
     fusion: Literal["moe", "late"] = "moe"
+    # What the diagnosis head reads besides the fusion token (moe fusion only): "modality" = mean
+    # and max of each modality's tokens after the blocks; "mean" = the mean of all tokens.
+    head_readout: Literal["modality", "mean"] = "modality"
     d_model: int = 64
     n_heads: int = 4
     n_blocks: int = 2
@@ -107,6 +110,9 @@ class ModelConfig:
             )
         if self.fusion not in ("moe", "late"):
             raise ConfigError(f"fusion must be 'moe' or 'late', got {self.fusion!r}")
+        if self.head_readout not in ("modality", "mean"):
+            raise ConfigError(f"head_readout must be 'modality' or 'mean', got "
+                              f"{self.head_readout!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         if not 1 <= self.top_k <= self.n_experts:

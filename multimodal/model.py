@@ -101,12 +101,13 @@ class FedsightModel(nn.Module):
             self.pos_emb = nn.Parameter(torch.randn(1, n_total, d) * 0.02)
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
             self.ln_f = nn.LayerNorm(d)
-            # head reads the fusion token and, per modality, the mean and max of its tokens after
-            # the blocks: every token's last-block expert output reaches the diagnosis (a
-            # fusion-token-only readout left last-block experts without gradient), and a lesion
-            # in one CT cell is not averaged away over all 20 tokens (with a mean over all tokens
-            # the fused model scored 0.51 AUC from CT alone while a CT-only model scored 0.67)
-            self.head = nn.Linear((1 + 2 * len(cfg.modalities)) * d, 1)
+            # The head reads the fusion token and more tokens, so every token's last-block expert
+            # output reaches the diagnosis (a fusion-token-only readout left last-block experts
+            # without gradient). "modality": mean and max per modality, so that a lesion in one
+            # CT cell is not averaged away over all 20 tokens (with "mean" the fused model scored
+            # 0.51 AUC from CT alone while a CT-only model scored 0.67).
+            n_read = 2 * len(cfg.modalities) if cfg.head_readout == "modality" else 1
+            self.head = nn.Linear((1 + n_read) * d, 1)
         else:  # dense late fusion: concat pooled modality features -> MLP
             m = len(cfg.modalities)
             self.late_mlp = nn.Sequential(nn.LayerNorm(2 * m * d), nn.Linear(2 * m * d, d),
@@ -177,9 +178,12 @@ class FedsightModel(nn.Module):
             self._count(i, block.moe.last_indices, groups)
         x = self.ln_f(x)  # (B, T, D)
         parts, start = [x[:, 0]], 1
-        for m in tokens:
-            parts.append(pool_tokens(x[:, start:start + self.n_tokens[m]]))
-            start += self.n_tokens[m]
+        if self.cfg.head_readout == "mean":
+            parts.append(x[:, 1:].mean(1))
+        else:
+            for m in tokens:
+                parts.append(pool_tokens(x[:, start:start + self.n_tokens[m]]))
+                start += self.n_tokens[m]
         logit = self.head(torch.cat(parts, -1)).squeeze(-1)  # (B,)
         moe_loss = self.cfg.balance_coef * bal + self.cfg.z_coef * z
         nb = len(self.blocks)

@@ -28,17 +28,23 @@ def test_every_combination_answers(combo: tuple[str, ...]) -> None:
     assert all(a.shape == (4,) and torch.isfinite(a).all() for a in out.aux_logits.values())
 
 
-@pytest.mark.parametrize("fusion,mods", [("late", ("ct", "path", "ehr")), ("moe", ("ct",)),
-                                         ("moe", ("ehr",)), ("late", ("path",))])
-def test_baseline_variants_answer(fusion: str, mods: tuple[str, ...]) -> None:
-    model = build_model(tiny_config(fusion=fusion, modalities=mods), seed=0).eval()
+@pytest.mark.parametrize("fusion,mods,readout", [
+    ("late", ("ct", "path", "ehr"), "modality"), ("moe", ("ct",), "modality"),
+    ("moe", ("ehr",), "mean"), ("late", ("path",), "modality"), ("moe", ("ct", "ehr"), "mean")])
+def test_baseline_variants_answer(fusion: str, mods: tuple[str, ...], readout: str) -> None:
+    model = build_model(tiny_config(fusion=fusion, modalities=mods, head_readout=readout),
+                        seed=0).eval()
     out = model(_full_batch())
     assert out.logit.shape == (4,) and torch.isfinite(out.logit).all()
     assert set(out.aux_logits) == set(mods)
+    if fusion == "moe":  # fusion token + (mean, max) per modality, or + the mean of all tokens
+        n_read = 2 * len(mods) if readout == "modality" else 1
+        assert model.head.in_features == (1 + n_read) * model.cfg.d_model
 
 
-def test_every_parameter_gets_a_gradient() -> None:
-    model = build_model(tiny_config(), seed=0).train()
+@pytest.mark.parametrize("readout", ["modality", "mean"])
+def test_every_parameter_gets_a_gradient(readout: str) -> None:
+    model = build_model(tiny_config(head_readout=readout), seed=0).train()
     b = _full_batch(6)
     # rows 0-2 have all three modalities; rows 3-5 each lack one (missing tokens are used), and
     # some EHR fields are missing (per-field missing embedding is used)
@@ -145,3 +151,7 @@ def test_unknown_backbone_and_keys_raise() -> None:
         ModelConfig.from_dict({"d_modle": 32})
     cfg = tiny_config()
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="'sum'"):
+        tiny_config(head_readout="sum")
+    with pytest.raises(ConfigError, match="expert_capacity_factor.*-1"):
+        tiny_config(expert_capacity_factor=-1.0)
