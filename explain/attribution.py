@@ -105,14 +105,21 @@ def ehr_ablation(model: FedsightModel, batch: Batch, tokens: EncoderTokens | Non
 
 
 def joint_gradcam(model: FedsightModel, batch: Batch, layers: dict[str, str],
-                  tokens: EncoderTokens | None = None) -> dict[str, np.ndarray]:
-    """LayerGradCam for CT and pathology at once: one forward and one backward give the layer
-    gradients of both (Captum's LayerGradientXActivation without the multiplication), so the
-    fusion blocks run once instead of twice. Equal to `ct_gradcam` / `path_gradcam` (tested).
+                  tokens: EncoderTokens | None = None,
+                  methods: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """CT and pathology maps at once: one forward and one backward give the layer gradients of
+    both (Captum's LayerGradientXActivation without the multiplication), so the fusion blocks
+    run once instead of twice. Per modality, `methods` picks "gradcam" (LayerGradCam, the
+    default; equal to `ct_gradcam` / `path_gradcam`) or "grad_x_act" (gradient x activation
+    summed over channels; equal to `ct_grad_x_activation`) -- both tested.
 
     layers: modality ("ct" / "path", present in the case) -> layer name. Returns modality ->
     signed map upsampled to its input ((D, H, W) or (S, S)).
     """
+    methods = methods or {}
+    bad = {m: v for m, v in methods.items() if v not in ("gradcam", "grad_x_act")}
+    if bad:
+        raise ConfigError(f"map method must be gradcam or grad_x_act, got {bad}")
     names = [m for m in ("ct", "path") if m in layers]
     if not names:
         return {}
@@ -137,8 +144,11 @@ def joint_gradcam(model: FedsightModel, batch: Batch, layers: dict[str, str],
     out: dict[str, np.ndarray] = {}
     for m, g in zip(names, grads, strict=True):
         a = acts[m]  # (1, C, *spatial)
-        w = g.mean(dim=tuple(range(2, g.dim())), keepdim=True)  # (1, C, 1, ...)
-        cam = (w * a).sum(1, keepdim=True)  # (1, 1, *spatial)
+        if methods.get(m, "gradcam") == "grad_x_act":
+            cam = (g * a).sum(1, keepdim=True)  # (1, 1, *spatial)
+        else:
+            w = g.mean(dim=tuple(range(2, g.dim())), keepdim=True)  # (1, C, 1, ...)
+            cam = (w * a).sum(1, keepdim=True)  # (1, 1, *spatial)
         size = tuple(inputs[m].shape[2:])
         mode = "trilinear" if cam.dim() == 5 else "bilinear"
         up = F.interpolate(cam.detach(), size=size, mode=mode, align_corners=False)

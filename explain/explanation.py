@@ -126,7 +126,7 @@ def explain_case(model: FedsightModel, case: PreparedCase, cfg: ExplainConfig,
     t0 = time.perf_counter()
     layers = {m: name for m, name in (("ct", cfg.ct_layer), ("path", cfg.path_layer))
               if m in present}
-    maps = joint_gradcam(model, batch, layers, tokens)
+    maps = joint_gradcam(model, batch, layers, tokens, methods={"ct": cfg.ct_method})
     ct_map, path_map = maps.get("ct"), maps.get("path")
     if ct_map is not None:
         loc, top = _ct_location(ct_map, case.ct_affine)

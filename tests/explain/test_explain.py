@@ -146,17 +146,33 @@ def test_experts_are_the_routing_of_the_case_as_it_is(model):
             idx[0].tolist())
 
 
+@pytest.mark.parametrize("ct_method", ["grad_x_act", "gradcam"])
 @pytest.mark.parametrize("combo", [("ct", "path", "ehr"), ("ct",), ("path", "ehr")],
                          ids=lambda c: "+".join(c))
-def test_joint_gradcam_equals_captum_layergradcam(model, combo):
-    from explain.attribution import ct_gradcam, path_gradcam
+def test_joint_maps_equal_captum(model, combo, ct_method):
+    """The app's one-pass maps equal Captum's LayerGradientXActivation (CT, default) or
+    LayerGradCam (CT at a conv stage; pathology) computed on their own."""
+    from explain.attribution import ct_grad_x_activation, ct_gradcam, path_gradcam
 
+    cfg = CFG if ct_method == "grad_x_act" else ExplainConfig(ct_layer="encoders.ct.stages.0",
+                                                              ct_method="gradcam")
     case = make_case(combo, seed=13)
-    e = explain_case(model, case, CFG)
+    e = explain_case(model, case, cfg)
     batch = case_batch(model, case)
     if "ct" in combo:
-        ref = ct_gradcam(model, batch, CFG.ct_layer)
+        ref = (ct_grad_x_activation if ct_method == "grad_x_act" else ct_gradcam)(
+            model, batch, cfg.ct_layer)
+        assert np.abs(ref).max() > 0
         assert np.allclose(e.ct_map, ref, atol=1e-6 * max(1.0, np.abs(ref).max()) + 1e-9)
     if "path" in combo:
-        ref = path_gradcam(model, batch, CFG.path_layer)
+        ref = path_gradcam(model, batch, cfg.path_layer)
         assert np.allclose(e.path_map, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max() + 1e-12)
+
+
+def test_explain_config_rejects_unknown_map_method_and_layer(model):
+    from vocab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'saliency'"):
+        ExplainConfig(ct_method="saliency")
+    with pytest.raises(ConfigError, match="encoders.ct.nope"):
+        explain_case(model, make_case(("ct",), seed=2), ExplainConfig(ct_layer="encoders.ct.nope"))
