@@ -1,5 +1,5 @@
-"""Captum attributions for one case: CT and pathology maps (LayerGradCam), EHR fields
-(FeatureAblation against the missing-field baseline).
+"""Captum attributions for one case: CT and pathology maps (LayerGradientXActivation /
+LayerGradCam), EHR fields (FeatureAblation against the missing-field baseline).
 
 Every function takes a one-case `Batch` and returns numbers in calibrated-logit units
 (logit / temperature), the scale the displayed probability is computed on.
