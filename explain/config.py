@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from vocab.errors import ConfigError
 
@@ -27,7 +27,7 @@ class ExplainConfig:
     """
 
     ct_layer: str = "encoders.ct.blob"
-    ct_method: str = "grad_x_act"
+    ct_method: Literal["grad_x_act", "gradcam"] = "grad_x_act"
     path_layer: str = "encoders.path.feature_layer"
     threshold: float = 0.5
     uncertain_band: float = 0.15

@@ -68,8 +68,8 @@ def ct_faithfulness(model: FedsightModel, case: PreparedCase,
                     centres_mm: Sequence[Sequence[float]], radii_mm: Sequence[float],
                     layer: str, tolerance_mm: float,
                     method: str = "gradcam") -> CaseFaithfulness:
-    """method: "gradcam" (LayerGradCam, what the app shows) or "grad_x_act"
-    (LayerGradientXActivation)."""
+    """method: "gradcam" (LayerGradCam) or "grad_x_act" (LayerGradientXActivation, what the
+    app shows at `encoders.ct.blob` by default)."""
     if case.ct is None or case.ct_affine is None:
         raise ValueError(f"case {case.case_id!r} has no CT (or no CT affine) to check")
     cam = ct_map(model, case, layer, method)

@@ -137,6 +137,7 @@ def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0) ->
         cases = cases[:max_cases]
     split = apply_feedback(cases, feedback, lambda cid: split_of(cid, seed))
     train, test = split.train, split.test
+    cases = train + test  # without held-out cases that only feedback labelled
     summary = {
         "cases-total": len(site.report.cases), "cases-usable": site.report.n_usable,
         "cases-excluded": len(site.report.cases) - site.report.n_usable,

@@ -104,8 +104,9 @@ class FedsightModel(nn.Module):
             # The head reads the fusion token and more tokens, so every token's last-block expert
             # output reaches the diagnosis (a fusion-token-only readout left last-block experts
             # without gradient). "modality": mean and max per modality, so that a lesion in one
-            # CT cell is not averaged away over all 20 tokens (with "mean" the fused model scored
-            # 0.51 AUC from CT alone while a CT-only model scored 0.67).
+            # CT cell is not averaged away over all 20 tokens (fused model, CT alone: AUC 0.51
+            # with "mean", 0.57 with "modality"; a CT-only model 0.65; fused over 3 seeds 0.723
+            # with "mean", 0.745 with "modality").
             n_read = 2 * len(cfg.modalities) if cfg.head_readout == "modality" else 1
             self.head = nn.Linear((1 + n_read) * d, 1)
         else:  # dense late fusion: concat pooled modality features -> MLP

@@ -64,10 +64,11 @@ def capacity_topk(probs: torch.Tensor, top_k: int, capacity: int) -> torch.Tenso
     """
     b, t, e = probs.shape
     order = probs.amax(-1).argsort(dim=1, descending=True, stable=True)  # (B, T)
-    rows = torch.arange(b)
-    load = torch.zeros(b, e, dtype=torch.long)
-    out = torch.empty(b, t, top_k, dtype=torch.long)
-    ones = torch.ones(b, top_k, dtype=torch.long)
+    dev = probs.device
+    rows = torch.arange(b, device=dev)
+    load = torch.zeros(b, e, dtype=torch.long, device=dev)
+    out = torch.empty(b, t, top_k, dtype=torch.long, device=dev)
+    ones = torch.ones(b, top_k, dtype=torch.long, device=dev)
     for j in range(t):
         tok = order[:, j]  # (B,)
         p = probs[rows, tok].masked_fill(load >= capacity, -1.0)  # (B, E); full experts last
