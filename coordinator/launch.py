@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vocab.errors import ConfigError, FedsightError
+from vocab.key_files import read_key_file
 from vocab.offline import OFFLINE_ENV
 
 CONNECTION = "fedsight"
@@ -82,9 +83,6 @@ def superlink_command(host: str, port: int, database: Path | None, tls: TlsFiles
                   "--ssl-keyfile", str(tls.key)]
 
 
-MAX_KEY_BYTES = 16 * 1024  # an OpenSSH ECDSA key is well under 1 KiB
-
-
 def check_node_public_key(path: Path) -> None:
     """A hospital's SuperNode public key as `flwr supernode register` accepts it: OpenSSH
     format, ECDSA on a NIST curve (deploy/gen-certs.sh: node-<hospital>.pub). Errors name the
@@ -94,15 +92,7 @@ def check_node_public_key(path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
     what = f"SuperNode public key {str(path)!r}"
-    if not Path(path).is_file():
-        raise ConfigError(f"{what} does not exist or is not a file")
-    try:
-        with Path(path).open("rb") as f:
-            data = f.read(MAX_KEY_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"{what} is unreadable ({e.strerror or type(e).__name__})") from None
-    if len(data) > MAX_KEY_BYTES:
-        raise ConfigError(f"{what} is larger than {MAX_KEY_BYTES} bytes: not a key file")
+    data = read_key_file(path, what)
     if b"PRIVATE KEY-----" in data:  # the private key stays at the hospital
         raise ConfigError(f"{what} is a private key; register the hospital's .pub file")
     try:
@@ -136,20 +126,27 @@ def write_connection(flwr_home: Path, address: str, root_cert: Path | None) -> N
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def flwr_json(flwr_home: Path, args: list[str], timeout: float,
+              error: type[FedsightError], name: str) -> dict[str, Any]:
+    """Run `flwr ARGS --format json` against the connection in flwr_home and return its JSON
+    reply; `error` ("flwr <name> failed", exit code, output tail) when there is none."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
+    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise error(f"flwr {name} failed (exit {proc.returncode}): "
+                    f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+
+
 def register_node(flwr_home: Path, public_key: Path) -> int:
     """Register a hospital's SuperNode public key with the SuperLink of the connection in
     flwr_home (write_connection) through Flower's own CLI, `flwr supernode register`; returns
     the node id the SuperLink gave it."""
     check_node_public_key(public_key)
-    cmd = [str(Path(sys.executable).parent / "flwr"), "supernode", "register",
-           str(Path(public_key).resolve()), CONNECTION, "--format", "json"]
-    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
-                          timeout=120, check=False)
-    try:
-        out = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise RegistrationFailed(f"flwr supernode register failed (exit {proc.returncode}): "
-                                 f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+    out = flwr_json(flwr_home, ["supernode", "register", str(Path(public_key).resolve()),
+                                CONNECTION], 120, RegistrationFailed, "supernode register")
     if not out.get("success") or not out.get("node-id"):
         why = " ".join(str(out.get("error-message", out)).split())  # one line for the CLI
         raise RegistrationFailed(f"the SuperLink did not register {str(public_key)!r}: {why}")
@@ -170,33 +167,19 @@ def submit_run(app_dir: Path, flwr_home: Path, run_config: dict[str, Any],
     federation_config (simulation): e.g. {"num-supernodes": 3, "client-resources-num-cpus": 1}."""
     cfg_file = flwr_home / "run-config.toml"
     cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), CONNECTION,
-           "--run-config", str(cfg_file), "--format", "json"]
+    args = ["run", str(app_dir), CONNECTION, "--run-config", str(cfg_file)]
     if federation_config:
-        cmd += ["--federation-config",
-                " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
-    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
-                          timeout=300, check=False)
-    try:
-        out = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise RunFailed(f"flwr run failed (exit {proc.returncode}): "
-                        f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+        args += ["--federation-config",
+                 " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
+    out = flwr_json(flwr_home, args, 300, RunFailed, "run")
     if not out.get("success") or not out.get("run-id"):
         raise RunFailed(f"flwr run refused the run: {out.get('error-message', out)}")
     return int(out["run-id"])
 
 
 def run_status(flwr_home: Path, run_id: int) -> str:
-    cmd = [str(Path(sys.executable).parent / "flwr"), "ls", CONNECTION, "--run-id", str(run_id),
-           "--format", "json"]
-    proc = subprocess.run(cmd, env=process_env(flwr_home), capture_output=True, text=True,
-                          timeout=120, check=False)
-    try:
-        runs = json.loads(proc.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        raise RunFailed(f"flwr ls failed (exit {proc.returncode}): "
-                        f"{(proc.stdout + proc.stderr).strip()[-500:]}") from None
+    runs = flwr_json(flwr_home, ["ls", CONNECTION, "--run-id", str(run_id)], 120, RunFailed,
+                     "ls").get("runs", [])
     return str(runs[0].get("status", "")) if runs else ""
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vocab.errors import ConfigError, DataError, FedsightError
+from vocab.key_files import read_key_file
 from vocab.offline import OFFLINE_ENV
 
 AUTH_NEEDS_TLS = "--auth-key needs --tls: Flower authenticates SuperNodes only over TLS"
-MAX_KEY_BYTES = 16 * 1024  # an OpenSSH ECDSA key is well under 1 KiB
 
 
 class CoordinatorUnreachable(FedsightError):
@@ -62,15 +62,7 @@ def check_auth_key(path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
     what = f"--auth-key {str(path)!r}"
-    if not path.is_file():
-        raise ConfigError(f"{what} does not exist or is not a file")
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_KEY_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"{what} is unreadable ({e.strerror or type(e).__name__})") from None
-    if len(data) > MAX_KEY_BYTES:
-        raise ConfigError(f"{what} is larger than {MAX_KEY_BYTES} bytes: not a key file")
+    data = read_key_file(path, what)
     try:
         key = load_ssh_private_key(data, password=None)
     except ValueError:
