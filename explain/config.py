@@ -16,12 +16,11 @@ class ExplainConfig:
     ct_layer / path_layer: dotted names (relative to the model) of the layers the maps are taken
     at; ct_method: "grad_x_act" (Captum LayerGradientXActivation) or "gradcam" (LayerGradCam).
     The CT default is gradient x activation at the encoder's fixed nodule channel
-    (`encoders.ct.blob`, full resolution): the model reads the CT mostly through that channel's
-    per-cell shortcut, which GradCAM at the conv stages never sees. Measured on 38 malignant
-    synthetic cases (docs/benchmarks.md): pointing game 0.34-0.53 and 500-1250x chance
-    attribution mass inside the lesion, vs 0/38 for GradCAM at `stages.0` (the old default).
-    A model built without the blob channel needs ct_layer="encoders.ct.stages.0",
-    ct_method="gradcam".
+    (`encoders.ct.blob`, full resolution): it follows both of the CT encoder's paths (nodule
+    evidence per cell, and the gated conv path), while GradCAM at a conv stage sees only the
+    latter, which the default model keeps nearly closed (docs/benchmarks.md: GradCAM at
+    `stages.0` pointed at 0/38 lesions even before the gate). A model built without the blob
+    channel needs ct_layer="encoders.ct.stages.0", ct_method="gradcam".
     threshold: calibrated probability at or above which the decision is "malignant".
     uncertain_band: |p - threshold| below this is stated as "close to the threshold".
     """

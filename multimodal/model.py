@@ -108,7 +108,11 @@ class FedsightModel(nn.Module):
             # with "mean", 0.57 with "modality"; a CT-only model 0.65; fused over 3 seeds 0.723
             # with "mean", 0.745 with "modality").
             n_read = 2 * len(cfg.modalities) if cfg.head_readout == "modality" else 1
-            self.head = nn.Linear((1 + n_read) * d, 1)
+            # head_skip: the head also reads each modality's encoder tokens (mean+max) from before
+            # the blocks, normalised together as in late fusion
+            n_skip = 2 * len(cfg.modalities) if cfg.head_skip else 0
+            self.skip_norm = nn.LayerNorm(n_skip * d) if cfg.head_skip else None
+            self.head = nn.Linear((1 + n_read + n_skip) * d, 1)
         else:  # dense late fusion: concat pooled modality features -> MLP
             m = len(cfg.modalities)
             self.late_mlp = nn.Sequential(nn.LayerNorm(2 * m * d), nn.Linear(2 * m * d, d),
@@ -185,6 +189,8 @@ class FedsightModel(nn.Module):
             for m in tokens:
                 parts.append(pool_tokens(x[:, start:start + self.n_tokens[m]]))
                 start += self.n_tokens[m]
+        if self.skip_norm is not None:
+            parts.append(self.skip_norm(torch.cat([pool_tokens(t) for t in tokens.values()], -1)))
         logit = self.head(torch.cat(parts, -1)).squeeze(-1)  # (B,)
         moe_loss = self.cfg.balance_coef * bal + self.cfg.z_coef * z
         nb = len(self.blocks)

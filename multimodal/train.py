@@ -2,7 +2,8 @@
 
 Takes PreparedCases or Batches (no Flower types). Progressive modality alignment (stage 1: each
 encoder with its own auxiliary head; stage 2: everything, fused), loss-ratio modality weighting
-(losses.LossRatioWeighting), modality dropout, MoE auxiliary losses, optional FedProx term.
+(losses.LossRatioWeighting), modality dropout, EHR field dropout, MoE auxiliary losses, optional
+FedProx term.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def augment(batch: Batch, gen: torch.Generator) -> Batch:
     return Batch(**d)
 
 
+def ehr_field_dropout(batch: Batch, p: float, gen: torch.Generator) -> Batch:
+    """Mark each recorded EHR field missing with probability p (the model's learned per-field
+    missing embedding stands in), so that no single field can be memorised."""
+    if p <= 0:
+        return batch
+    d = dict(batch.__dict__)
+    d["ehr_observed"] = batch.ehr_observed & (torch.rand(batch.ehr_observed.shape,
+                                                         generator=gen) >= p)
+    return Batch(**d)
+
+
 @contextlib.contextmanager
 def _deterministic() -> Iterator[None]:
     prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
@@ -133,6 +145,7 @@ def train_local(
                 b = full.select(idx)
                 if cfg.augment:
                     b = augment(b, gen)
+                b = ehr_field_dropout(b, cfg.ehr_field_dropout, gen)
                 if st == 2:
                     b = modality_dropout(b, cfg.modality_dropout, mods, gen)
                 if fused_model:

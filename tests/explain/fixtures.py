@@ -14,8 +14,9 @@ TINY_INPUTS = InputConfig(ct_shape=(16, 32, 32), ct_spacing=(16.0, 10.0, 10.0), 
 
 
 def tiny_config(**kw: object) -> ModelConfig:
+    # the conv path open (gate 1): the GradCAM-at-a-conv-stage tests need gradient through it
     base = dict(inputs=TINY_INPUTS, d_model=32, n_heads=2, n_blocks=2, ct_channels=(8, 16),
-                n_experts=4, top_k=2, expert_hidden=16, ehr_hidden=16)
+                n_experts=4, top_k=2, expert_hidden=16, ehr_hidden=16, ct_deep_gate_init=1.0)
     base.update(kw)
     return ModelConfig(**base)  # type: ignore[arg-type]
 

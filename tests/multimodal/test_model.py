@@ -37,14 +37,47 @@ def test_baseline_variants_answer(fusion: str, mods: tuple[str, ...], readout: s
     out = model(_full_batch())
     assert out.logit.shape == (4,) and torch.isfinite(out.logit).all()
     assert set(out.aux_logits) == set(mods)
-    if fusion == "moe":  # fusion token + (mean, max) per modality, or + the mean of all tokens
+    if fusion == "moe":  # fusion token + (mean, max) per modality, or + the mean of all tokens;
+        # + (mean, max) of each modality's encoder tokens (head_skip, the default)
         n_read = 2 * len(mods) if readout == "modality" else 1
-        assert model.head.in_features == (1 + n_read) * model.cfg.d_model
+        assert model.head.in_features == (1 + n_read + 2 * len(mods)) * model.cfg.d_model
+
+
+def test_head_skip_reads_the_encoder_tokens() -> None:
+    """With every head weight zeroed except the skip slice, the logit equals the head applied by
+    hand to the normalised (mean, max) of each modality's encoder tokens."""
+    from multimodal.model import pool_tokens
+
+    model = build_model(tiny_config(), seed=0).eval()
+    b = _full_batch()
+    b.path_present[1] = False  # a missing modality reads its learned missing tokens
+    d, m = model.cfg.d_model, len(model.cfg.modalities)
+    n_skip = 2 * m * d
+    with torch.no_grad():
+        model.head.weight[:, :-n_skip] = 0
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [model.encoders[k].register_forward_hook(
+            lambda _m, _i, o, k=k: seen.__setitem__(k, o)) for k in model.cfg.modalities]
+        got = model(b).logit
+        for h in hooks:
+            h.remove()
+        present = {"ct": b.ct_present, "path": b.path_present, "ehr": b.ehr_present}
+        feats = []
+        for k in model.cfg.modalities:
+            tok = model.missing[k].unsqueeze(0).expand(len(b), -1, -1).clone()
+            tok[present[k]] = seen[k]  # encoders run on present rows only
+            feats.append(pool_tokens(tok + model.type_emb[k]))
+        ref = model.head(torch.cat([torch.zeros(len(b), model.head.in_features - n_skip),
+                                    model.skip_norm(torch.cat(feats, -1))], -1)).squeeze(-1)
+    torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("readout", ["modality", "mean"])
 def test_every_parameter_gets_a_gradient(readout: str) -> None:
-    model = build_model(tiny_config(head_readout=readout), seed=0).train()
+    # the CT conv path half open: at the default gate 0 only the gate itself gets its gradient
+    # (test_ct_conv_path_starts_closed_and_can_open)
+    model = build_model(tiny_config(head_readout=readout, ct_deep_gate_init=0.5),
+                        seed=0).train()
     b = _full_batch(6)
     # rows 0-2 have all three modalities; rows 3-5 each lack one (missing tokens are used), and
     # some EHR fields are missing (per-field missing embedding is used)
@@ -155,3 +188,34 @@ def test_unknown_backbone_and_keys_raise() -> None:
         tiny_config(head_readout="sum")
     with pytest.raises(ConfigError, match="expert_capacity_factor.*-1"):
         tiny_config(expert_capacity_factor=-1.0)
+
+
+def test_ct_conv_path_starts_closed_and_can_open() -> None:
+    """Gate 0: CT tokens come from the nodule evidence alone (conv weights don't matter) yet the
+    gate gets a gradient; gate 1: the conv path changes the tokens."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, *TINY_INPUTS.ct_shape) * 0.3 - 0.6
+    closed = build_model(tiny_config(), seed=0).ct_encoder
+    before = closed(x)
+    with torch.no_grad():
+        for p in closed.stages.parameters():
+            p.add_(torch.randn_like(p))
+    after = closed(x)
+    assert torch.equal(before, after)
+    after.pow(2).sum().backward()
+    assert closed.deep_gate.grad is not None and closed.deep_gate.grad.abs() > 0
+    ev = closed.evidence_proj
+    assert ev is not None and ev.weight.grad is not None and ev.weight.grad.abs().sum() > 0
+    opened = build_model(tiny_config(ct_deep_gate_init=1.0), seed=0).ct_encoder
+    ref = opened(x)
+    with torch.no_grad():
+        for p in opened.stages.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.allclose(ref, opened(x))
+
+
+def test_ct_without_blob_filter_needs_an_open_conv_path() -> None:
+    with pytest.raises(ConfigError, match="ct_deep_gate_init"):
+        tiny_config(ct_blob_filter=False)
+    cfg = tiny_config(ct_blob_filter=False, ct_deep_gate_init=1.0)
+    assert build_model(cfg, seed=0).ct_encoder.evidence_proj is None

@@ -9,7 +9,7 @@ from multimodal.evaluate import evaluate, fit_model_temperature
 from multimodal.losses import LossRatioWeighting, fedprox_term
 from multimodal.metrics import auc
 from multimodal.model import build_model
-from multimodal.train import modality_dropout, train_local
+from multimodal.train import ehr_field_dropout, modality_dropout, train_local
 from tests.multimodal.conftest import TINY_INPUTS, tiny_config, toy_cases
 from vocab.ehr_schema import CHEST_V1
 
@@ -67,6 +67,19 @@ def test_modality_dropout_never_drops_everything() -> None:
     assert d.present().any(1).all()
     assert not (d.present() & ~b.present()).any()  # never invents a modality
     assert d.present().sum() < 0.6 * b.present().sum()
+
+
+def test_ehr_field_dropout_hides_recorded_fields_only() -> None:
+    b = collate(toy_cases(200, seed=0, p_missing=0.3), CHEST_V1, TINY_INPUTS.ct_shape,
+                TINY_INPUTS.path_size)
+    b.ehr_observed[:5, :2] = False  # some fields were never recorded
+    gen = torch.Generator().manual_seed(0)
+    d = ehr_field_dropout(b, 0.5, gen)
+    assert not (d.ehr_observed & ~b.ehr_observed).any()  # never invents a value
+    kept = d.ehr_observed.sum() / b.ehr_observed.sum()
+    assert 0.45 < float(kept) < 0.55  # ~half of the recorded fields hidden
+    assert torch.equal(d.ehr, b.ehr) and torch.equal(d.ehr_present, b.ehr_present)
+    assert ehr_field_dropout(b, 0.0, gen) is b
 
 
 def test_fedprox_term_and_loss_ratio_weights(tiny_train: TrainConfig) -> None:
