@@ -1,8 +1,8 @@
 """CT-map faithfulness on synthetic cases with known lesions, shared by bench_model and bench_ui.
 
 Cases: malignant, with CT and an index lesion (from the generator's truth). Maps: LayerGradCam at
-the CT encoder's stages (what the app shows) and LayerGradientXActivation at the fixed nodule
-channel; each scored by the pointing game and attribution mass inside the lesion, plus the
+the CT encoder's conv stages and LayerGradientXActivation at the fixed nodule channel (what the
+app shows); each scored by the pointing game and attribution mass inside the lesion, plus the
 Adebayo weight-randomisation check.
 """
 
