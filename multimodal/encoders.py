@@ -99,7 +99,9 @@ class CTEncoder(nn.Module):
         self.avg_pool = nn.AdaptiveAvgPool3d(cfg.ct_cells)
         self.max_pool = nn.AdaptiveMaxPool3d(cfg.ct_cells)
         self.proj = nn.Linear(2 * ch[-1], cfg.d_model)  # conv path -> tokens
-        self.deep_gate = nn.Parameter(torch.tensor(float(cfg.ct_deep_gate_init)))
+        # shape (1,), not a 0-d scalar: Flower's Array turns 0-d arrays into (1,), and the global
+        # model's shapes must survive the round trip
+        self.deep_gate = nn.Parameter(torch.full((1,), float(cfg.ct_deep_gate_init)))
         # nodule evidence -> tokens: [max, mean] of the blob channel per cell
         self.evidence_proj = nn.Linear(2, cfg.d_model) if self.blob is not None else None
         self.n_tokens = cfg.ct_cells[0] * cfg.ct_cells[1] * cfg.ct_cells[2]

@@ -257,3 +257,18 @@ def test_array_record_round_trip_keeps_dtypes() -> None:
     g = global_state()
     back = to_numpy(ArrayRecord({k: Array(v) for k, v in g.items()}))
     assert {k: v.dtype for k, v in back.items()} == {k: v.dtype for k, v in g.items()}
+
+
+def test_default_model_survives_the_flower_array_round_trip():
+    """Every array of the default model keeps its shape through Flower's records, both ways the
+    model travels (the runner's torch state -> ArrayRecord; numpy -> from_numpy -> to_numpy).
+    Flower stores a 0-d array as shape (1,), which made every hospital's update mismatch."""
+    from multimodal.model import build_model
+
+    state = build_model(seed=0).state_dict()
+    via_torch = to_numpy(ArrayRecord(state))
+    via_numpy = to_numpy(from_numpy({k: v.numpy() for k, v in state.items()}))
+    for name, t in state.items():
+        assert via_torch[name].shape == tuple(t.shape), name
+        assert via_numpy[name].shape == tuple(t.shape), name
+        np.testing.assert_array_equal(via_numpy[name], t.numpy())
