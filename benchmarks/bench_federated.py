@@ -7,7 +7,7 @@ time per round (from the model store's metadata).
         [--seeds 0,1,2]
 
 With several seeds (synthetic only) each seed is its own generated federation, split and training
-seed; the targets are then checked per hospital on the mean over seeds (a 35-45-case test split
+seed; the targets are then checked per hospital on the mean over seeds (a 31-44-case test split
 moves AUC by ~0.07 between draws, far more than the 0.02 margin).
 
 Pooled / local-only baselines train with the same code (multimodal.train.train_local) and the
