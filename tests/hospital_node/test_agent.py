@@ -24,6 +24,7 @@ from hospital_node.agent import (
     prepare,
     supernode_command,
 )
+from tests.key_errors import assert_key_errors
 from vocab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,14 +114,7 @@ def test_wrong_auth_key_files_say_what_is_wrong_and_never_show_the_key(
              (public, "is a public key; pass the private key"),
              (pem, "is a PEM private key; flower-supernode reads only the OpenSSH format"),
              (ed, "is a key of type Ed25519; Flower needs ECDSA")]
-    for path, expected in cases:
-        with pytest.raises(ConfigError) as err:
-            check_auth_key(path)
-        msg = str(err.value)
-        assert msg.startswith(f"--auth-key {str(path)!r}") and expected in msg, msg
-        contents = [word for line in path.read_text().splitlines() if "-----" not in line
-                    for word in line.split() if len(word) > 8]
-        assert contents and not [w for w in contents if w in msg], msg
+    assert assert_key_errors(check_auth_key, cases, "--auth-key") == len(cases)
 
 
 def test_node_start_cli_reports_a_public_key_given_as_auth_key(
