@@ -1,49 +1,58 @@
-"""Read one CT series (a folder of single-frame DICOM files) into a Hounsfield-unit volume.
+"""Read the chosen CT series of a case into a Hounsfield-unit volume.
 
-Geometry is taken from ImagePositionPatient/ImageOrientationPatient (LPS patient mm), never from
-file names or InstanceNumber. Decisions:
+The read path of a CT case, top to bottom:
+  hospital_node.ct_scan.scan_case        walk the folder, read headers (bounded), group series
+  hospital_node.series_choice            pick the primary axial CT series by a documented rule
+  read_series (here)                     geometry from checked frame headers, then pixels -> HU
+  hospital_node.preprocess.ct_to_grid    resample onto the model grid (finite values checked)
 
+Classic CT (one file per slice) and Enhanced CT (one multi-frame object) both arrive here as a
+list of frames with checked geometry (hospital_node.dicom_header.FrameGeom), so one piece of
+code sorts, checks and stacks both.
+
+Why our own geometry code rather than highdicom's volume API or SimpleITK's series reader
+(docs/ingestion.md has the comparison): both refuse or silently resample what hospitals do send
+(gantry-tilted stacks and uneven gaps, which we keep with a sheared affine and report), neither
+bounds memory before decoding, and SimpleITK would add a 100 MB binary to every node. The
+crash-prone part of the old reader was unchecked header values; those are now parsed and
+range-checked in one place (dicom_header) before any geometry runs.
+
+Decisions:
 - Gantry tilt (GantryDetectorTilt != 0 or slices stacked obliquely to their own plane) is a
   warning, not an exclusion: the affine is built from the real stacking vector (a sheared affine),
   so resampling to the model grid (preprocess.ct_to_grid) puts every voxel where it belongs.
 - Uneven slice gaps are a warning; the stack is linearly interpolated along the slice normal to a
   uniform step (the median gap) so that one affine describes the whole volume.
 - A gap of about twice (or more) the regular neighbouring step is a hole: missing slices, fatal.
-- A file named like DICOM (.dcm/.dicom/.ima) that is not readable DICOM, or any DICOM file that is
-  not a readable CT image, makes the series unusable (it may be a lost slice). Other non-DICOM
-  files (LICENSE, notes) are reported and ignored; hidden files and DICOMDIR are skipped.
+- The decoded size (rows x columns x frames x bytes) is checked against a per-case budget before
+  any pixel data is decoded.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import FileDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
-from pydicom.uid import UID, CTImageStorage
 
+from hospital_node.ct_scan import IDENTIFYING_TAGS, CaseScan, SeriesFiles, scan_case
+from hospital_node.dicom_header import READ_ERRORS, FrameGeom, HeaderError, Instance, read_dataset
+from hospital_node.series_choice import SeriesRule, choose_series
 from vocab.errors import DataProblem
 
-# Tags that identify a patient; reported by keyword only (values never leave this module).
-IDENTIFYING_TAGS = (
-    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
-    "PatientBirthName", "IssuerOfPatientID", "MedicalRecordLocator", "AccessionNumber",
-)
+__all__ = ["IDENTIFYING_TAGS", "CtSeries", "read_ct_series", "read_series"]
+
 ORIENTATION_TOL = 1e-3   # direction cosines: differences below this are rounding
 SPACING_TOL = 1e-3       # mm, pixel spacing agreement between slices
 UNEVEN_REL_TOL = 0.05    # gaps within 5% of the median are "even"
 TILT_MIN_DEG = 0.5       # below this an oblique stack is rounding noise
-MIN_SLICES = 3
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-# Errors pydicom raises for malformed files; anything else is a bug and should surface.
-_READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-                AttributeError, IndexError, NotImplementedError, RuntimeError)
+MIN_STEP_MM, MAX_STEP_MM = 0.05, 50.0   # plausible slice step along the normal
+MAX_EXTENT_MM = 3000.0   # a whole-body scan is ~2 m
+MAX_CASE_DECODED_BYTES = 768 << 20      # ~1400 slices of 512x512 int16
+MIN_SLICES = 2           # an Enhanced CT may legitimately hold a 2-frame slab; the choice rule
+                         # asks for 3 by default (series_choice.SeriesRule.min_slices)
 
 
 @dataclass
@@ -55,6 +64,7 @@ class CtSeries:
     spacing:       (z, y, x) mm; z is the uniform stacking step along the slice normal.
     source_offsets:(N,) the original slices' positions along the normal (sorted, mm).
     tilt_deg:      angle between the stacking direction and the slice normal.
+    chosen:        how the series was chosen (for the local report), "" if there was no choice.
     problems:      every problem found; `usable` is False when any is fatal.
     """
 
@@ -64,125 +74,12 @@ class CtSeries:
     source_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tilt_deg: float = 0.0
     series_uid: str = ""
+    chosen: str = ""
     problems: list[DataProblem] = field(default_factory=list)
 
     @property
     def usable(self) -> bool:
         return self.hu is not None and not any(p.fatal for p in self.problems)
-
-
-def _rel(path: Path, base: Path | None) -> str:
-    if base is None:
-        return path.name
-    try:
-        return str(path.relative_to(base))
-    except ValueError:
-        return path.name
-
-
-def _is_candidate(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.upper() != "DICOMDIR"
-
-
-def _read_header(path: Path, rel: str) -> tuple[FileDataset | None, DataProblem | None]:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        # A file that claims to be DICOM may be a damaged slice; anything else is clutter.
-        claims = path.suffix.lower() in DICOM_SUFFIXES
-        what = "named like DICOM but not a DICOM file" if claims else "not DICOM, ignored"
-        return None, DataProblem("dicom.not_dicom", f"{rel}: {what}", rel, fatal=claims)
-    except _READ_ERRORS as e:
-        return None, DataProblem("dicom.unreadable",
-                                 f"{rel}: unreadable DICOM ({type(e).__name__})", rel)
-    # pydicom reads leniently: a file cut short parses as a header with elements missing.
-    if any(kw not in ds for kw in ("Rows", "Columns")) and _truncated(path):
-        return None, DataProblem("dicom.unreadable", f"{rel}: file ends early (truncated)", rel)
-    if "SOPClassUID" not in ds and "Modality" not in ds:
-        claims = path.suffix.lower() in DICOM_SUFFIXES
-        return None, DataProblem("dicom.not_dicom", f"{rel}: no DICOM image header", rel,
-                                 fatal=claims)
-    return ds, None
-
-
-def _truncated(path: Path) -> bool:
-    """True when a full read finds no complete pixel data (only asked of odd-looking headers)."""
-    try:
-        ds = pydicom.dcmread(path)
-        return "PixelData" not in ds or len(ds.PixelData) == 0
-    except _READ_ERRORS:
-        return True
-
-
-def _collapse(problems: list[DataProblem]) -> list[DataProblem]:
-    """One problem per code for a series: '…and N more files' instead of one line per slice."""
-    out: dict[str, DataProblem] = {}
-    extra: dict[str, int] = {}
-    for p in problems:
-        if p.code in out:
-            extra[p.code] = extra.get(p.code, 0) + 1
-        else:
-            out[p.code] = p
-    return [DataProblem(p.code, p.message + (f" (and {extra[p.code]} more file(s))"
-                                             if p.code in extra else ""),
-                        p.file, p.field, p.fatal) for p in out.values()]
-
-
-def _header_problems(ds: FileDataset, rel: str) -> list[DataProblem]:
-    out: list[DataProblem] = []
-    modality = str(ds.get("Modality", ""))
-    if modality != "CT":
-        out.append(DataProblem("dicom.not_ct", f"{rel}: Modality is {modality or 'missing'!r}, "
-                               "expected 'CT'", rel, "Modality"))
-        return out
-    sop = str(ds.get("SOPClassUID", ""))
-    if sop != CTImageStorage:
-        name = UID(sop).name if sop else "missing"
-        out.append(DataProblem("dicom.unsupported_sop_class", f"{rel}: SOP class {name}; only "
-                               "single-frame CT Image Storage is supported", rel, "SOPClassUID"))
-    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows",
-               "Columns"):
-        if kw not in ds:
-            out.append(DataProblem("dicom.missing_geometry", f"{rel}: {kw} missing", rel, kw))
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if tsyntax is None:
-        out.append(DataProblem("dicom.unsupported_transfer_syntax",
-                               f"{rel}: no TransferSyntaxUID in file meta", rel,
-                               "TransferSyntaxUID"))
-    else:
-        try:
-            available = get_decoder(tsyntax).is_available
-        except NotImplementedError:
-            available = False
-        if not available:
-            out.append(DataProblem("dicom.unsupported_transfer_syntax",
-                                   f"{rel}: transfer syntax {UID(tsyntax).name} cannot be "
-                                   "decoded here (install pylibjpeg codecs or python-gdcm)",
-                                   rel, "TransferSyntaxUID"))
-    return out
-
-
-def _identifying(headers: list[FileDataset], folder_rel: str) -> DataProblem | None:
-    found = sorted({kw for ds in headers for kw in IDENTIFYING_TAGS
-                    if kw in ds and str(ds.get(kw, "") or "").strip()})
-    if not found:
-        return None
-    return DataProblem("dicom.identifying_tags",
-                       f"{folder_rel}: identifying tags present: {', '.join(found)} "
-                       "(de-identify before use; values are not read or reported)",
-                       folder_rel, ",".join(found), fatal=False)
-
-
-def _slice_hu(ds: FileDataset) -> np.ndarray:
-    """Stored values -> HU; PixelPaddingValue (outside the field of view) becomes air."""
-    raw = ds.pixel_array
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    pad = ds.get("PixelPaddingValue")
-    if isinstance(pad, int):
-        hu[raw == pad] = -1000.0
-    return hu
 
 
 def _holes(gaps: np.ndarray) -> list[int]:
@@ -205,93 +102,84 @@ def _holes(gaps: np.ndarray) -> list[int]:
     return out
 
 
-def read_ct_series(folder: Path, root: Path | None = None) -> CtSeries:
-    """Read every file in `folder` as one CT series; never raises for bad input.
+def _frame_pixels(ds: object, inst: Instance) -> np.ndarray:
+    """(F, rows, cols) stored values of an instance, decoded after the size was checked."""
+    if "PixelData" not in ds:  # type: ignore[operator]
+        raise HeaderError("dicom.no_pixel_data", "PixelData", "no PixelData element")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = np.asarray(ds.pixel_array)  # type: ignore[attr-defined]
+    n = len(inst.frames)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.shape != (n, inst.rows, inst.columns):
+        raise HeaderError("dicom.bad_value", "PixelData", f"decoded pixel data has shape "
+                          f"{tuple(arr.shape)}, header says {(n, inst.rows, inst.columns)}")
+    return arr
 
-    `root` only shortens file names in problem messages (paths relative to the site root).
-    """
-    folder = Path(folder)
-    frel = _rel(folder, root)
-    problems: list[DataProblem] = []
 
-    def fail(extra: list[DataProblem] | None = None) -> CtSeries:
-        return CtSeries(None, None, None, problems=problems + (extra or []))
+def read_series(series: SeriesFiles, folder_rel: str) -> CtSeries:
+    """Geometry checks over the series' frames, then decode pixels into one HU volume."""
+    frel = folder_rel
 
-    files = sorted(p for p in folder.iterdir() if _is_candidate(p)) if folder.is_dir() else []
-    if not files:
-        return fail([DataProblem("ct.empty", f"{frel}: no files in CT folder", frel)])
+    def fail(code: str, msg: str, fld: str = "", file: str = "") -> CtSeries:
+        return CtSeries(None, None, None, problems=[DataProblem(code, f"{file or frel}: {msg}",
+                                                                file or frel, fld)])
 
-    headers: list[tuple[Path, FileDataset]] = []
-    for path in files:
-        rel = _rel(path, root)
-        ds, prob = _read_header(path, rel)
-        if ds is None:
-            problems.extend([prob] if prob else [])
-            continue
-        problems.extend(_header_problems(ds, rel))
-        headers.append((path, ds))
-    problems = _collapse(problems)
-    ident = _identifying([ds for _, ds in headers], frel)
-    if ident:
-        problems.append(ident)
+    frames: list[tuple[Instance, FrameGeom]] = [(i, f) for i in series.instances
+                                                for f in i.frames]
+    if len(frames) < MIN_SLICES:
+        return fail("ct.too_few_slices", f"{len(frames)} slice(s), need >= {MIN_SLICES}")
+    decoded = sum(i.decoded_bytes for i in series.instances)
+    if decoded > MAX_CASE_DECODED_BYTES:
+        return fail("ct.too_large", f"the series decodes to {decoded} bytes, over the per-case "
+                    f"budget of {MAX_CASE_DECODED_BYTES} bytes")
 
-    series_uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in headers})
-    if len(series_uids) > 1:
-        problems.append(DataProblem("case.duplicate", f"{frel}: {len(series_uids)} series "
-                                    "(SeriesInstanceUID) in one case folder; expected one",
-                                    frel, "SeriesInstanceUID"))
-    if any(p.fatal for p in problems):
-        return fail()
-    if len(headers) < MIN_SLICES:
-        return fail([DataProblem("ct.too_few_slices", f"{frel}: {len(headers)} slice(s), need "
-                                 f">= {MIN_SLICES}", frel)])
-
-    # Geometry consistency.
-    iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
+    iops = np.array([f.orientation for _, f in frames])
     if np.abs(iops - iops[0]).max() > ORIENTATION_TOL:
-        return fail([DataProblem("ct.inconsistent_orientation", f"{frel}: "
-                                 "ImageOrientationPatient differs between slices", frel,
-                                 "ImageOrientationPatient")])
-    pxs = np.array([[float(v) for v in ds.PixelSpacing] for _, ds in headers])
+        return fail("ct.inconsistent_orientation", "ImageOrientationPatient differs between "
+                    "slices", "ImageOrientationPatient")
+    pxs = np.array([f.spacing for _, f in frames])
     if np.abs(pxs - pxs[0]).max() > SPACING_TOL:
-        return fail([DataProblem("ct.inconsistent_spacing", f"{frel}: PixelSpacing differs "
-                                 f"between slices ({sorted({tuple(p) for p in pxs})})", frel,
-                                 "PixelSpacing")])
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
+        return fail("ct.inconsistent_spacing", f"PixelSpacing differs between slices "
+                    f"({sorted({tuple(p) for p in pxs.tolist()})})", "PixelSpacing")
+    shapes = {(i.rows, i.columns) for i, _ in frames}
     if len(shapes) > 1:
-        return fail([DataProblem("ct.inconsistent_shape", f"{frel}: slice sizes differ "
-                                 f"{sorted(shapes)}", frel, "Rows")])
+        return fail("ct.inconsistent_shape", f"slice sizes differ {sorted(shapes)}", "Rows")
     row_dir, col_dir = iops[0, :3], iops[0, 3:]
     normal = np.cross(row_dir, col_dir)
-    if abs(np.linalg.norm(normal) - 1) > 1e-2 or abs(row_dir @ col_dir) > 1e-2:
-        return fail([DataProblem("ct.bad_orientation", f"{frel}: ImageOrientationPatient is "
-                                 "not two orthonormal vectors", frel, "ImageOrientationPatient")])
-    normal /= np.linalg.norm(normal)
+    normal /= np.linalg.norm(normal)  # dicom_header checked: two orthonormal unit vectors
 
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
+    positions = np.array([f.position for _, f in frames])
     offsets = positions @ normal
     order = np.argsort(offsets, kind="stable")
-    headers = [headers[i] for i in order]
+    frames = [frames[i] for i in order]
     positions, offsets = positions[order], offsets[order]
     gaps = np.diff(offsets)
     if gaps.min() < 1e-3:
-        return fail([DataProblem("ct.duplicate_slices", f"{frel}: two slices at the same "
-                                 "position", frel, "ImagePositionPatient")])
-    # All positions must lie on one line (the stacking direction).
+        return fail("ct.duplicate_slices", "two slices at the same position",
+                    "ImagePositionPatient")
+    extent = float(offsets[-1] - offsets[0])
+    if extent > MAX_EXTENT_MM:
+        return fail("ct.implausible_geometry", f"slices span {extent:.0f} mm along the normal, "
+                    f"over {MAX_EXTENT_MM:g} mm", "ImagePositionPatient")
     stack = positions[-1] - positions[0]
     stack_unit = stack / np.linalg.norm(stack)
     resid = (positions - positions[0]) - np.outer((positions - positions[0]) @ stack_unit,
                                                   stack_unit)
     if np.linalg.norm(resid, axis=1).max() > 0.5 * float(pxs[0].min()):
-        return fail([DataProblem("ct.inconsistent_positions", f"{frel}: slice positions are not "
-                                 "on one line", frel, "ImagePositionPatient")])
-
+        return fail("ct.inconsistent_positions", "slice positions are not on one line",
+                    "ImagePositionPatient")
+    problems: list[DataProblem] = []
     holes = _holes(gaps)
     if holes:
         desc = ", ".join(f"{gaps[i]:.2f} mm after slice {i + 1}" for i in holes)
-        return fail([DataProblem("ct.missing_slices", f"{frel}: gap(s) of about twice the "
-                                 f"regular step: {desc}", frel, "ImagePositionPatient")])
+        return fail("ct.missing_slices", f"gap(s) of about twice the regular step: {desc}",
+                    "ImagePositionPatient")
     step = float(np.median(gaps))
+    if not MIN_STEP_MM <= step <= MAX_STEP_MM:
+        return fail("ct.implausible_geometry", f"slice step {step:g} mm outside the plausible "
+                    f"{MIN_STEP_MM}-{MAX_STEP_MM} mm", "ImagePositionPatient")
     uneven = bool(np.abs(gaps - step).max() > UNEVEN_REL_TOL * step)
     if uneven:
         distinct = sorted({round(float(g), 2) for g in gaps})
@@ -299,35 +187,37 @@ def read_ct_series(folder: Path, root: Path | None = None) -> CtSeries:
                                     f"{distinct} mm (median {step:.2f}); interpolated to a "
                                     f"uniform {step:.2f} mm step", frel, "ImagePositionPatient",
                                     fatal=False))
-
     cos_t = float(np.clip(abs(stack_unit @ normal), -1.0, 1.0))
     tilt = math.degrees(math.acos(cos_t))
-    tag_tilt = float(headers[0][1].get("GantryDetectorTilt", 0) or 0)
+    tag_tilt = frames[0][0].tilt_deg
     if tilt > TILT_MIN_DEG or abs(tag_tilt) > TILT_MIN_DEG:
         problems.append(DataProblem("ct.gantry_tilt", f"{frel}: gantry tilt {tag_tilt:.1f} deg "
                                     f"(GantryDetectorTilt), slices stacked {tilt:.1f} deg off "
                                     "their normal; geometry corrected with a sheared affine",
                                     frel, "GantryDetectorTilt", fatal=False))
 
-    # Pixels, in sorted order.
-    slices = []
-    for path, _ in headers:
-        rel = _rel(path, root)
+    rows, cols = next(iter(shapes))
+    hu = np.empty((len(frames), rows, cols), np.float32)
+    slot = {(id(i), f.index): k for k, (i, f) in enumerate(frames)}
+    for inst in series.instances:
         try:
-            ds = pydicom.dcmread(path)
-            if "PixelData" not in ds:
-                return fail([DataProblem("dicom.no_pixel_data", f"{rel}: no PixelData element",
-                                         rel, "PixelData")])
-            slices.append(_slice_hu(ds))
-        except _READ_ERRORS as e:
-            return fail([DataProblem("dicom.unreadable", f"{rel}: pixel data unreadable "
-                                     f"({type(e).__name__})", rel, "PixelData")])
-    if any(s.shape != slices[0].shape for s in slices):
-        return fail([DataProblem("ct.inconsistent_shape", f"{frel}: decoded slice sizes differ",
-                                 frel, "PixelData")])
-    hu = np.stack(slices)  # (Z, Y, X)
-    # Stacking vector per unit step along the normal (includes the tilt shear).
-    along = stack / (offsets[-1] - offsets[0])
+            ds = read_dataset(inst.file, pixels=True)
+            raw = _frame_pixels(ds, inst)
+            pad = ds.get("PixelPaddingValue")
+        except HeaderError as e:
+            return fail(e.code, str(e), e.keyword, inst.file.rel)
+        except READ_ERRORS as e:
+            return fail("dicom.unreadable", f"pixel data unreadable ({type(e).__name__})",
+                        "PixelData", inst.file.rel)
+        for fr in inst.frames:
+            out = hu[slot[(id(inst), fr.index)]]
+            np.multiply(raw[fr.index], np.float32(fr.slope), out=out, casting="unsafe")
+            out += np.float32(fr.intercept)
+            if isinstance(pad, int):
+                out[raw[fr.index] == pad] = -1000.0  # outside the field of view: air
+    if not np.isfinite(hu).all():
+        return fail("ct.non_finite", "HU values are not finite after rescale", "RescaleSlope")
+    along = stack / (offsets[-1] - offsets[0])  # stacking vector per mm along the normal
     if uneven:
         n = int(math.floor((offsets[-1] - offsets[0]) / step + 1e-6)) + 1
         target = offsets[0] + step * np.arange(n)
@@ -341,4 +231,36 @@ def read_ct_series(folder: Path, root: Path | None = None) -> CtSeries:
     affine[:3, 2] = row_dir * col_sp
     affine[:3, 3] = positions[0]
     return CtSeries(hu.astype(np.float32, copy=False), affine, (step, row_sp, col_sp),
-                    offsets, tilt, series_uids[0], problems)
+                    offsets, tilt, series.uid, problems=problems)
+
+
+def read_case_ct(scan: CaseScan, rule: SeriesRule = SeriesRule()) -> CtSeries:
+    """Choose the case's series (series_choice) and read it; problems of every stage kept."""
+    choice = choose_series(scan, rule)
+    problems = scan.problems + choice.problems
+    if choice.series is None:
+        if not any(p.fatal for p in problems):
+            problems.append(DataProblem("ct.no_usable_series", f"{scan.folder_rel}: no usable "
+                                        "CT series", scan.folder_rel))
+        return CtSeries(None, None, None, problems=problems)
+    series = read_series(choice.series, scan.folder_rel)
+    series.problems = problems + series.problems
+    series.chosen = choice.reason
+    return series
+
+
+def read_ct_series(folder: Path, root: Path | None = None,
+                   rule: SeriesRule = SeriesRule()) -> CtSeries:
+    """Scan `folder` (nested folders included), choose its CT series and read it.
+
+    Never raises for bad input. `root` is the site root: files must stay inside it (symlinks
+    leading out are refused) and messages name paths relative to it (default: the folder's
+    parent, so messages read '<case>/<file>').
+    """
+    folder = Path(folder)
+    base = Path(root) if root is not None else folder.parent
+    if not folder.is_dir():
+        rel = folder.name
+        return CtSeries(None, None, None, problems=[DataProblem(
+            "ct.empty", f"{rel}: no CT folder", rel)])
+    return read_case_ct(scan_case(folder, base), rule)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hospital_node.ehr import CsvTable, read_ehr, read_labels
+from hospital_node.site_files import check_dir
 from vocab.ehr_schema import EhrSchema
 from vocab.errors import DataProblem
 from vocab.site_layout import CT_DIR, EHR_FILE, LABELS_FILE, PATHOLOGY_DIR, PATHOLOGY_SUFFIXES
@@ -34,6 +35,43 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
+def case_id_problem(name: str, rel: str) -> DataProblem | None:
+    """Case ids come from folder/file names; one that cannot be printed or sent through JSON
+    (non-UTF-8 bytes, control characters) or is absurdly long is refused, not mangled."""
+    try:
+        name.encode("utf-8")
+        ok = name.isprintable() and 0 < len(name) <= 128
+    except UnicodeEncodeError:
+        ok = False
+    if ok:
+        return None
+    shown = rel.encode("utf-8", "backslashreplace").decode("utf-8")
+    return DataProblem("site.bad_case_name", f"{shown!r}: not a usable case id (non-UTF-8, "
+                       "control characters or over 128 characters); ignored", shown, fatal=False)
+
+
+def _listing(folder: Path, root: Path, problems: list[DataProblem]) -> list[Path]:
+    """Visible entries of a top-level folder (ct/, pathology/) that may be read."""
+    checked = check_dir(folder, root, code_prefix="site")
+    if isinstance(checked, DataProblem):
+        problems.append(checked)
+        return []
+    try:
+        entries = sorted(filter(_visible, folder.iterdir()))
+    except OSError as e:
+        problems.append(DataProblem("site.unreadable", f"{folder.name}/: cannot list "
+                                    f"({type(e).__name__})", folder.name))
+        return []
+    out = []
+    for p in entries:
+        bad = case_id_problem(p.name, f"{folder.name}/{p.name}")
+        if bad:
+            problems.append(bad)
+        else:
+            out.append(p)
+    return out
+
+
 def discover(root: Path, schema: EhrSchema) -> Discovery:
     """List every case id found anywhere in the site root (sorted)."""
     cases: dict[str, CaseFiles] = {}
@@ -43,8 +81,8 @@ def discover(root: Path, schema: EhrSchema) -> Discovery:
         return cases.setdefault(cid, CaseFiles(cid))
 
     ct_root = root / CT_DIR
-    if ct_root.is_dir():
-        for p in sorted(filter(_visible, ct_root.iterdir())):
+    if ct_root.exists() or ct_root.is_symlink():
+        for p in _listing(ct_root, root, problems):
             if p.is_dir():
                 case(p.name).ct_dir = p
             else:
@@ -52,13 +90,15 @@ def discover(root: Path, schema: EhrSchema) -> Discovery:
                                             f"directly in {CT_DIR}/ (expected one folder per "
                                             "case); ignored", f"{CT_DIR}/{p.name}", fatal=False))
     path_root = root / PATHOLOGY_DIR
-    if path_root.is_dir():
+    if path_root.exists() or path_root.is_symlink():
         tiles: dict[str, list[Path]] = {}
-        for p in sorted(filter(_visible, path_root.iterdir())):
+        for p in _listing(path_root, root, problems):
             rel = f"{PATHOLOGY_DIR}/{p.name}"
-            if p.is_file() and p.suffix.lower() in PATHOLOGY_SUFFIXES:
+            # Anything not a folder is a tile candidate; the loader refuses FIFOs, devices and
+            # links out of the root with a reason (hospital_node.site_files).
+            if not p.is_dir() and p.suffix.lower() in PATHOLOGY_SUFFIXES:
                 tiles.setdefault(p.stem, []).append(p)
-            elif p.is_file():
+            elif not p.is_dir():
                 case(p.stem).problems.append(DataProblem(
                     "path.unsupported_format", f"{rel}: suffix {p.suffix!r} not one of "
                     f"{list(PATHOLOGY_SUFFIXES)}; ignored", rel))
@@ -76,8 +116,9 @@ def discover(root: Path, schema: EhrSchema) -> Discovery:
                     f"{PATHOLOGY_DIR}/{paths[0].name}"))
 
     ehr_path, labels_path = root / EHR_FILE, root / LABELS_FILE
-    ehr = read_ehr(ehr_path, schema, EHR_FILE) if ehr_path.is_file() else CsvTable()
-    labels = read_labels(labels_path, LABELS_FILE) if labels_path.is_file() else CsvTable()
+    # absent = empty table; a folder/FIFO/link out of the root is reported by the reader
+    ehr = read_ehr(ehr_path, schema, EHR_FILE, root=root)
+    labels = read_labels(labels_path, LABELS_FILE, root=root)
     for table in (ehr, labels):
         for cid in list(table.values) + list(table.case_problems):
             case(cid)

@@ -60,6 +60,8 @@ def ct_to_grid(series: CtSeries, inputs: InputConfig) -> tuple[np.ndarray, np.nd
 
     if series.hu is None or series.affine is None:
         raise DataError("ct_to_grid needs a usable CtSeries (hu and affine are None)")
+    if not (np.isfinite(series.hu).all() and np.isfinite(series.affine).all()):
+        raise DataError("CT volume or affine holds non-finite values; not passed to the model")
     lo, hi = HU_CLIP
     half = (hi - lo) / 2
     # Shift so air is 0: the resampler pads with zeros, which then means air.
@@ -74,6 +76,9 @@ def ct_to_grid(series: CtSeries, inputs: InputConfig) -> tuple[np.ndarray, np.nd
         spatial_size=inputs.ct_shape,
     )
     grid = np.asarray(out.as_tensor()[0].numpy(), dtype=np.float32) - 1.0  # (D, H, W)
+    # The model boundary: nothing non-finite goes in (clip would keep a NaN as NaN).
+    if not np.isfinite(grid).all():
+        raise DataError("CT grid holds non-finite values after resampling")
     return np.clip(grid, -1.0, 1.0), dst_aff
 
 
@@ -90,4 +95,7 @@ def path_to_tensor(img: np.ndarray, inputs: InputConfig) -> np.ndarray:
     t = F.interpolate(t, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(PATH_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(PATH_STD).view(1, 3, 1, 1)
-    return ((t.clamp(0, 1) - mean) / std)[0].numpy().astype(np.float32)
+    out = ((t.clamp(0, 1) - mean) / std)[0].numpy().astype(np.float32)
+    if not np.isfinite(out).all():  # the model boundary: never a NaN into the encoder
+        raise DataError("pathology tensor holds non-finite values")
+    return out

@@ -94,3 +94,52 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns,
                                        hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_enhanced(path: Path, hu: np.ndarray, spacing: tuple[float, float, float] = (2.5, 1, 1),
+                   origin: tuple[float, float, float] = (-32.0, -32.0, -20.0),
+                   image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL", "NONE")
+                   ) -> Path:
+    """One Enhanced CT object (multi-frame) as current scanners export it: orientation, pixel
+    measures and rescale in the shared functional groups, each frame's position in its own."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage
+
+    z, rows, cols = hu.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ImageType = "CT", list(image_type)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), generate_uid(), 3
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, z
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+
+    def item(**kw: object) -> Dataset:
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])])
+    shared.PixelMeasuresSequence = Sequence([item(PixelSpacing=[spacing[1], spacing[2]],
+                                                  SliceThickness=spacing[0])])
+    shared.PixelValueTransformationSequence = Sequence([item(
+        RescaleSlope=1, RescaleIntercept=INTERCEPT, RescaleType="HU")])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per = []
+    for k in range(z):
+        fg = Dataset()
+        fg.PlanePositionSequence = Sequence([item(ImagePositionPatient=[
+            origin[0], origin[1], origin[2] + k * spacing[0]])])
+        per.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.PixelData = np.round(hu - INTERCEPT).astype(np.int16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from conftest import CT_SHAPE, CT_SPACING
 from dicom_writer import sphere_volume, write_series
 from pydicom.encaps import encapsulate
@@ -68,23 +69,28 @@ def test_truncated_file_is_unreadable(tmp_path: Path) -> None:
     assert any(p.file == "s/004.dcm" for p in s.problems)
 
 
-def test_non_dicom_named_dcm_is_fatal_other_clutter_ignored(tmp_path: Path) -> None:
+def test_non_dicom_files_are_skipped_with_a_warning_never_sinking_the_series(tmp_path: Path
+                                                                             ) -> None:
     write_series(tmp_path / "s", _vol(), CT_SPACING)
     (tmp_path / "s" / "notes.txt").write_text("scanner notes")
-    s = read_ct_series(tmp_path / "s")
-    assert s.usable and "dicom.not_dicom" in codes(s)
     (tmp_path / "s" / "999.dcm").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 300)
     s = read_ct_series(tmp_path / "s")
-    assert not s.usable and "dicom.not_dicom" in codes(s)
+    assert s.usable and s.hu.shape[0] == CT_SHAPE[0]
+    prob = next(p for p in s.problems if p.code == "dicom.not_dicom")
+    assert not prob.fatal and "1 more file" in prob.message
 
 
-def test_two_series_in_one_folder_is_duplicate(tmp_path: Path) -> None:
-    write_series(tmp_path / "s", _vol(), CT_SPACING)
-    more = write_series(tmp_path / "t", _vol(), CT_SPACING, origin=(-32, -32, 200))
+def test_two_series_in_one_folder_the_rule_picks_the_longer(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", _vol(), CT_SPACING, origin=(-32, -32, 0))
+    short = _vol()[:6]
+    more = write_series(tmp_path / "t", short, CT_SPACING, origin=(-32, -32, 200))
     for p in more:
         p.rename(tmp_path / "s" / f"b{p.name}")
     s = read_ct_series(tmp_path / "s")
-    assert not s.usable and "case.duplicate" in codes(s)
+    assert s.usable and s.hu.shape[0] == CT_SHAPE[0]
+    assert s.source_offsets[0] == pytest.approx(0.0)  # the 12-slice series at z=0, not z=200
+    chosen = next(p for p in s.problems if p.code == "ct.series_chosen")
+    assert "2 series" in chosen.message and "6 slices" in chosen.message
 
 
 def test_identifying_tags_named_never_valued(tmp_path: Path) -> None:
