@@ -33,9 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.set_defaults(func=_node_check)
 
+    from cli.fhir_cmd import register_import_fhir
     from cli.fl_cmds import register_node_start
+    from cli.node_net_cmds import register_node_net
 
     register_node_start(node_sub)
+    register_node_net(node_sub)
+    register_import_fhir(node_sub)
 
 
 def _synth(args: argparse.Namespace) -> int:

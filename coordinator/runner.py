@@ -52,11 +52,16 @@ def read_state(version: Version) -> dict[str, torch.Tensor]:
 
 
 def train_config_record(settings: RunSettings) -> ConfigRecord:
-    """What every hospital needs each round (the strategy adds server-round, stage, mu)."""
+    """What every hospital needs each round (the strategy adds server-round, stage, mu), with the
+    federation's EHR schema id and content hash: a node whose site schema differs refuses."""
+    from vocab.ehr_schema import get_schema
+
+    schema = get_schema(model_config(settings).inputs.ehr_schema)
     return ConfigRecord({
         K.LOCAL_EPOCHS: settings.local_epochs, K.LR: settings.lr,
         K.BATCH_SIZE: settings.batch_size, K.MODEL_JSON: settings.model_json,
         K.TRAIN_JSON: settings.train_json, K.SEED: settings.seed, K.MAX_CASES: settings.max_cases,
+        K.EHR_SCHEMA: schema.name, K.EHR_SCHEMA_HASH: schema.content_hash,
     })
 
 

@@ -34,8 +34,13 @@ from vocab import records as K
 # A child of Flower's logger: shows up wherever Flower logs (SuperLink, simulation console).
 log = logging.getLogger("flwr.fedsight")
 Identify = Callable[[Grid, list[int]], dict[int, str]]
-# hospital_node.client_app.NodeTaskError's text, wherever Flower wraps it ("<class ...>:<'...'>")
-_NODE_REASON = re.compile(r"fedsight-node: [a-z]+ failed \([A-Za-z_][A-Za-z0-9_.]*\)")
+# hospital_node.client_app.NodeTaskError's text, wherever Flower wraps it ("<class ...>:<'...'>");
+# the one public message: an EHR schema mismatch (vocab.errors.EhrSchemaMismatch, labels id@hash8)
+_SCHEMA_LABEL = r"(?:[a-z0-9][a-z0-9._-]{0,63}@[0-9a-f]{8}|none)"
+_NODE_REASON = re.compile(
+    r"fedsight-node: [a-z]+ failed \((?:EhrSchemaMismatch: this hospital's EHR schema "
+    + _SCHEMA_LABEL + r" differs from the federation's " + _SCHEMA_LABEL
+    + r"|[A-Za-z_][A-Za-z0-9_.]*)\)")
 
 
 def record_bytes(arrays: ArrayRecord) -> int:

@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from hospital_node import task  # noqa: E402
 from vocab import records as K  # noqa: E402
+from vocab.errors import public_reason  # noqa: E402
 
 log = logging.getLogger("flwr.fedsight.node")
 STATE_KEY = "fedsight-node"  # context.state ConfigRecord: node-local, never sent
@@ -52,7 +53,8 @@ def _sanitised(what: str) -> Iterator[None]:
         raise  # already safe to send (the worker's failure, by exception type)
     except Exception as e:
         log.exception("%s failed at this hospital", what)
-        raise NodeTaskError(f"fedsight-node: {what} failed ({type(e).__name__})") from None
+        # type only, or "Type: message" for errors public by construction (schema mismatch)
+        raise NodeTaskError(f"fedsight-node: {what} failed ({public_reason(e)})") from None
 
 
 def _run(kind: str, msg: Message, context: Context, start_step: int = 0) -> task.TaskResult:

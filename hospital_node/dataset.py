@@ -6,27 +6,32 @@ is excluded, and the site's files are only ever opened for reading.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hospital_node.cache import CaseCache, default_cache_dir
-from hospital_node.dicom_series import read_ct_series
+from hospital_node.ct_scan import scan_case
+from hospital_node.dicom_series import read_case_ct
 from hospital_node.discover import CaseFiles, Discovery, discover
-from hospital_node.pathology import read_tile
+from hospital_node.pathology import MAX_TILE_BYTES, read_tile
 from hospital_node.preprocess import PREPROCESS_VERSION, ct_to_grid, path_to_tensor
 from hospital_node.report import CaseReport, SiteReport
+from hospital_node.series_choice import SeriesRule
+from hospital_node.site_config import (  # noqa: F401  (re-exported)
+    SITE_KEYS,
+    SiteConfig,
+    read_site_config,
+)
+from hospital_node.site_files import SiteFile, check_file, rel_name, walk_files
 from multimodal.data import PreparedCase
 from multimodal.grid import InputConfig
-from vocab.ehr_schema import CHEST_V1, SCHEMAS
-from vocab.errors import DataError, DataProblem
-from vocab.site_layout import SITE_FILE
+from vocab.ehr_schema import CHEST_V1, EhrSchema, get_schema
+from vocab.errors import ConfigError, DataError, DataProblem
 
 log = logging.getLogger(__name__)
-SITE_KEYS = {"site_id", "ehr_schema"}
 
 
 @dataclass
@@ -38,52 +43,12 @@ class LoadedSite:
     cache_misses: int = 0
 
 
-@dataclass(frozen=True)
-class SiteConfig:
-    site_id: str
-    ehr_schema: str
-    problems: tuple[DataProblem, ...] = field(default=())
-
-
-def read_site_config(root: Path) -> SiteConfig:
-    """site.json if present (unknown keys and bad values reported), else the folder name."""
-    site_id, schema = root.resolve().name, CHEST_V1.name
-    path = root / SITE_FILE
-    if not path.is_file():
-        return SiteConfig(site_id, schema)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return SiteConfig(site_id, schema, (DataProblem(
-            "site.bad_config", f"{SITE_FILE}: unreadable ({type(e).__name__}); using defaults",
-            SITE_FILE, fatal=False),))
-    if not isinstance(data, dict):
-        return SiteConfig(site_id, schema, (DataProblem(
-            "site.bad_config", f"{SITE_FILE}: expected a JSON object; using defaults", SITE_FILE,
-            fatal=False),))
-    problems = []
-    unknown = sorted(set(data) - SITE_KEYS)
-    if unknown:
-        problems.append(DataProblem("site.bad_config", f"{SITE_FILE}: unknown key(s) {unknown}; "
-                                    f"known: {sorted(SITE_KEYS)}", SITE_FILE, fatal=False))
-    if isinstance(data.get("site_id"), str) and data["site_id"].strip():
-        site_id = data["site_id"].strip()
-    if "ehr_schema" in data:
-        if data["ehr_schema"] in SCHEMAS:
-            schema = data["ehr_schema"]
-        else:
-            problems.append(DataProblem("site.unknown_schema", f"{SITE_FILE}: ehr_schema "
-                                        f"{data['ehr_schema']!r} not one of {sorted(SCHEMAS)}; "
-                                        "EHR excluded", SITE_FILE, "ehr_schema"))
-            schema = ""
-    return SiteConfig(site_id, schema, tuple(problems))
-
-
 class _CaseLoader:
     """Per-site state of one load: inputs, cache, root."""
 
-    def __init__(self, root: Path, inputs: InputConfig, cache: CaseCache | None) -> None:
-        self.root, self.inputs, self.cache = root, inputs, cache
+    def __init__(self, root: Path, inputs: InputConfig, cache: CaseCache | None,
+                 rule: SeriesRule) -> None:
+        self.root, self.inputs, self.cache, self.rule = root, inputs, cache, rule
 
     def _cached(self, kind: str, files: list[Path], compute) -> tuple[dict, list[DataProblem]]:
         if self.cache is None:
@@ -97,16 +62,17 @@ class _CaseLoader:
         return arrays, problems
 
     def ct(self, folder: Path) -> tuple[dict, list[DataProblem]]:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        # The cache key needs only the file list and bytes; headers are read on a miss.
+        files = [f.path for f in walk_files(folder, self.root) if isinstance(f, SiteFile)]
 
         def compute() -> tuple[dict, list[DataProblem]]:
-            series = read_ct_series(folder, self.root)
+            series = read_case_ct(scan_case(folder, self.root), self.rule)
             if not series.usable:
                 return {}, series.problems
             try:
                 grid, affine = ct_to_grid(series, self.inputs)
             except DataError as e:
-                rel = str(folder.relative_to(self.root))
+                rel = rel_name(folder, self.root)
                 return {}, series.problems + [DataProblem("ct.preprocess_failed",
                                                           f"{rel}: {e}", rel)]
             return {"ct": grid, "ct_affine": affine,
@@ -115,11 +81,20 @@ class _CaseLoader:
         return self._cached("ct", files, compute)
 
     def path(self, file: Path) -> tuple[dict, list[DataProblem]]:
+        checked = check_file(file, self.root, code_prefix="path", max_bytes=MAX_TILE_BYTES)
+        if isinstance(checked, DataProblem):
+            return {}, [checked]
+
         def compute() -> tuple[dict, list[DataProblem]]:
-            tile = read_tile(file, str(file.relative_to(self.root)))
+            tile = read_tile(checked.path, checked.rel)
             if not tile.usable or tile.rgb is None:
                 return {}, tile.problems
-            return {"path": path_to_tensor(tile.rgb, self.inputs)}, tile.problems
+            try:
+                tensor = path_to_tensor(tile.rgb, self.inputs)
+            except DataError as e:
+                return {}, tile.problems + [DataProblem("path.preprocess_failed",
+                                                        f"{checked.rel}: {e}", checked.rel)]
+            return {"path": tensor}, tile.problems
 
         return self._cached("path", [file], compute)
 
@@ -179,25 +154,35 @@ def _load_case(cf: CaseFiles, disc: Discovery, loader: _CaseLoader, schema_ok: b
     return case, rep
 
 
+def _model_schema(inputs: InputConfig) -> EhrSchema | None:
+    try:
+        return get_schema(inputs.ehr_schema)
+    except (KeyError, ConfigError):
+        return None
+
+
 def load_site(root: Path, inputs: InputConfig, cache_dir: Path | None = None, *,
-              use_cache: bool = True) -> LoadedSite:
+              use_cache: bool = True, rule: SeriesRule | None = None) -> LoadedSite:
     """Every case of the site at `root`; usable ones as PreparedCase, all in the report."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"site data root {root} does not exist or is not a folder")
     cfg = read_site_config(root)
     problems = list(cfg.problems)
-    schema_ok = cfg.ehr_schema == inputs.ehr_schema
-    if cfg.ehr_schema and not schema_ok:
+    model_schema = _model_schema(inputs)
+    # Same schema = same content hash (a hospital's own copy of a shipped schema file agrees).
+    schema_ok = (cfg.schema is not None and model_schema is not None
+                 and cfg.schema_hash == model_schema.content_hash)
+    if cfg.schema is not None and not schema_ok:
+        theirs = model_schema.label if model_schema is not None else repr(inputs.ehr_schema)
         problems.append(DataProblem("site.ehr_schema_mismatch", f"site EHR schema "
-                                    f"{cfg.ehr_schema!r} differs from the model's "
-                                    f"{inputs.ehr_schema!r}; EHR excluded", "site.json",
-                                    "ehr_schema"))
-    schema = SCHEMAS.get(cfg.ehr_schema or inputs.ehr_schema, CHEST_V1)
+                                    f"{cfg.schema.label} differs from the model's {theirs}; "
+                                    "EHR excluded", "site.json", "ehr_schema"))
+    schema = cfg.schema or model_schema or CHEST_V1
     disc = discover(root, schema)
     problems += disc.problems + disc.ehr.problems + disc.labels.problems
     cache = _open_cache(root, cache_dir, use_cache, problems)
-    loader = _CaseLoader(root, inputs, cache)
+    loader = _CaseLoader(root, inputs, cache, rule or SeriesRule())
     report = SiteReport(cfg.site_id, cfg.ehr_schema or "(none)", problems=problems)
     cases = []
     for cf in disc.cases.values():

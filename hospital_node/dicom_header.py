@@ -14,11 +14,13 @@ never touched here (`stop_before_pixels`).
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -92,6 +94,7 @@ class Instance:
     bits_allocated: int
     slice_thickness: float | None
     tilt_deg: float = 0.0                      # GantryDetectorTilt (0 when absent or bad)
+    transfer_syntax_compressed: bool = True    # unknown counts as compressed (no size check)
     frames: list[FrameGeom] = field(default_factory=list)
     problems: list[DataProblem] = field(default_factory=list)  # fatal ones disqualify it
 
@@ -133,6 +136,25 @@ def _inflated_size_ok(f: SiteFile) -> bool:
     return True
 
 
+class _ClampedReader(io.BufferedReader):
+    """A file whose read(n) never asks for more than what is left in it.
+
+    pydicom reads an element's value with `read(length)` using the length written in the file;
+    CPython allocates `length` bytes before reading, so two flipped bytes in a length field
+    (0x9283xxxx) cost gigabytes for a 500 KB file. Clamping n to the bytes left keeps every
+    allocation within the file size, which is capped (MAX_FILE_BYTES).
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n >= 0:
+            n = min(n, max(0, self._size - self.tell()))
+        return super().read(n)
+
+
 def _check_caps(f: SiteFile) -> None:
     if f.size > MAX_FILE_BYTES:
         raise HeaderError("dicom.too_large", "", f"{f.size} bytes, over the {MAX_FILE_BYTES} "
@@ -145,9 +167,9 @@ def _check_caps(f: SiteFile) -> None:
 def read_dataset(f: SiteFile, *, pixels: bool) -> Dataset:
     """pydicom read with the file-size and inflation caps; raises READ_ERRORS or HeaderError."""
     _check_caps(f)
-    with warnings.catch_warnings():
+    with _ClampedReader(f.path, f.size) as fh, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns per odd value; we check values ourselves
-        return pydicom.dcmread(f.path, stop_before_pixels=not pixels)
+        return pydicom.dcmread(fh, stop_before_pixels=not pixels)
 
 
 def read_header(f: SiteFile) -> tuple[Dataset, bool]:
@@ -157,7 +179,7 @@ def read_header(f: SiteFile) -> tuple[Dataset, bool]:
     reaches end-of-file never got to its pixel data (truncated, or no image at all).
     """
     _check_caps(f)
-    with f.path.open("rb") as fh, warnings.catch_warnings():
+    with _ClampedReader(f.path, f.size) as fh, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         more = fh.tell() < f.size
@@ -375,4 +397,7 @@ def parse_instance(f: SiteFile, ds: Dataset) -> Instance:
     ts = transfer_syntax_problem(ds, rel)
     if ts:
         inst.problems.append(ts)
+    else:
+        uid = UID(str(ds.file_meta.TransferSyntaxUID))
+        inst.transfer_syntax_compressed = uid.is_compressed or uid.is_deflated
     return inst

@@ -118,6 +118,17 @@ def _frame_pixels(ds: object, inst: Instance) -> np.ndarray:
     return arr
 
 
+def _native_pixels_short(inst: Instance) -> str:
+    """For uncompressed transfer syntaxes the file must hold at least the pixel bytes the header
+    announces: a header that lies about Rows/Columns/frames is caught before any allocation."""
+    if inst.transfer_syntax_compressed:
+        return ""
+    need = inst.decoded_bytes
+    if inst.file.size < need:
+        return f"file holds {inst.file.size} bytes, the header announces {need} bytes of pixels"
+    return ""
+
+
 def read_series(series: SeriesFiles, folder_rel: str) -> CtSeries:
     """Geometry checks over the series' frames, then decode pixels into one HU volume."""
     frel = folder_rel
@@ -197,7 +208,11 @@ def read_series(series: SeriesFiles, folder_rel: str) -> CtSeries:
                                     frel, "GantryDetectorTilt", fatal=False))
 
     rows, cols = next(iter(shapes))
-    hu = np.empty((len(frames), rows, cols), np.float32)
+    for inst in series.instances:
+        short = _native_pixels_short(inst)
+        if short:
+            return fail("dicom.unreadable", short, "PixelData", inst.file.rel)
+    hu: np.ndarray | None = None  # allocated once the first instance decoded as announced
     slot = {(id(i), f.index): k for k, (i, f) in enumerate(frames)}
     for inst in series.instances:
         try:
@@ -209,12 +224,15 @@ def read_series(series: SeriesFiles, folder_rel: str) -> CtSeries:
         except READ_ERRORS as e:
             return fail("dicom.unreadable", f"pixel data unreadable ({type(e).__name__})",
                         "PixelData", inst.file.rel)
+        if hu is None:
+            hu = np.empty((len(frames), rows, cols), np.float32)
         for fr in inst.frames:
             out = hu[slot[(id(inst), fr.index)]]
             np.multiply(raw[fr.index], np.float32(fr.slope), out=out, casting="unsafe")
             out += np.float32(fr.intercept)
             if isinstance(pad, int):
                 out[raw[fr.index] == pad] = -1000.0  # outside the field of view: air
+    assert hu is not None  # frames is non-empty, so some instance filled it
     if not np.isfinite(hu).all():
         return fail("ct.non_finite", "HU values are not finite after rescale", "RescaleSlope")
     along = stack / (offsets[-1] - offsets[0])  # stacking vector per mm along the normal

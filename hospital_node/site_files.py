@@ -76,9 +76,16 @@ def check_file(path: Path, root: Path, *, code_prefix: str = "file",
 
 
 def read_bytes(f: SiteFile, max_bytes: int) -> bytes:
-    """At most max_bytes + 1 bytes (the caller compares the length: the file may grow)."""
+    """At most max_bytes + 1 bytes (the caller compares the length: the file may grow).
+
+    Read in chunks: `read(n)` allocates n bytes up front, so a 256 MB limit would cost 256 MB
+    for a 1 KB file."""
+    chunks, total = [], 0
     with f.path.open("rb") as fh:
-        return fh.read(max_bytes + 1)
+        while total <= max_bytes and (chunk := fh.read(min(1 << 20, max_bytes + 1 - total))):
+            chunks.append(chunk)
+            total += len(chunk)
+    return b"".join(chunks)
 
 
 def check_dir(path: Path, root: Path, *, code_prefix: str = "file") -> Path | DataProblem:

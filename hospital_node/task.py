@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vocab import records as K
-from vocab.errors import ConfigError, DataError
+from vocab.errors import ConfigError, DataError, EhrSchemaMismatch
 from vocab.json_config import json_object
 
 # Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
@@ -23,6 +24,7 @@ DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
 WORKER_SOCKET = "worker-socket"  # hospital_node.worker's socket (set by `fedsight node start`)
 NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, WORKER_SOCKET, "partition-id",
                        "num-partitions"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,28 @@ class RoundConfig:
     seed: int = 0
     max_cases: int = 0
     proximal_mu: float = 0.0
+    ehr_schema: str = ""  # the federation's EHR schema id ("" = take it from the model config)
+    ehr_schema_hash: str = ""  # its content hash (sha256 hex)
+
+    def __post_init__(self) -> None:
+        # Wire values: echoed in a refusal that goes back to the coordinator, so keep them plain.
+        from vocab.ehr_schema import SCHEMA_ID_PATTERN
+
+        if self.ehr_schema and not SCHEMA_ID_PATTERN.fullmatch(str(self.ehr_schema)):
+            raise ConfigError(f"round config ehr-schema {str(self.ehr_schema)[:80]!r} is not a "
+                              "schema id")
+        if bool(self.ehr_schema) != bool(self.ehr_schema_hash) or (
+                self.ehr_schema_hash and not _SHA256.fullmatch(str(self.ehr_schema_hash))):
+            raise ConfigError("round config needs ehr-schema and ehr-schema-hash (sha256 hex) "
+                              "together")
 
     @classmethod
     def from_record(cls, config: dict[str, Any]) -> RoundConfig:
         names = {K.SERVER_ROUND: "server_round", K.STAGE: "stage",
                  K.LOCAL_EPOCHS: "local_epochs", K.LR: "lr", K.BATCH_SIZE: "batch_size",
                  K.MODEL_JSON: "model_json", K.TRAIN_JSON: "train_json", K.SEED: "seed",
-                 K.MAX_CASES: "max_cases", K.PROXIMAL_MU: "proximal_mu"}
+                 K.MAX_CASES: "max_cases", K.PROXIMAL_MU: "proximal_mu",
+                 K.EHR_SCHEMA: "ehr_schema", K.EHR_SCHEMA_HASH: "ehr_schema_hash"}
         unknown = sorted(set(config) - set(names))
         if unknown:
             raise ConfigError(f"unknown round config key(s) {unknown}; known: {sorted(names)}")
@@ -105,6 +122,24 @@ class RoundConfig:
                             seed=self.seed * 1000 + self.server_round,
                             fedprox_mu=self.proximal_mu or base.fedprox_mu)
 
+
+
+def check_ehr_schema(node: NodeSettings, cfg: RoundConfig) -> None:
+    """Refuse (EhrSchemaMismatch, a message safe to send) unless this site's EHR schema is the
+    federation's: same id and same content hash. Without the round keys (an older coordinator)
+    the federation's schema is the one the model config names."""
+    from hospital_node.site_config import read_site_config
+    from vocab.ehr_schema import get_schema
+
+    if cfg.ehr_schema:
+        fed_id, fed_hash = cfg.ehr_schema, cfg.ehr_schema_hash
+    else:
+        fed = get_schema(cfg.model_config().inputs.ehr_schema)
+        fed_id, fed_hash = fed.name, fed.content_hash
+    site = read_site_config(node.data_dir).schema
+    if site is None or site.name != fed_id or site.content_hash != fed_hash:
+        raise EhrSchemaMismatch(site.label if site is not None else "none",
+                                f"{fed_id}@{fed_hash[:8]}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -257,6 +292,7 @@ def run_task(req: TaskRequest) -> TaskResult:
         return TaskResult(counts, site_id=site_id)
     if req.arrays is None:
         raise ConfigError(f"a {req.kind} request needs the global model arrays")
+    check_ehr_schema(node, cfg)  # before any data is read: a wrong schema must not train
     import torch
 
     state = {k: torch.from_numpy(v.copy()) for k, v in req.arrays.items()}

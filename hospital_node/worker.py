@@ -29,6 +29,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
 from hospital_node import task
+from vocab.errors import public_reason
 
 log = logging.getLogger("fedsight.node.worker")
 PROTOCOL = 1
@@ -88,7 +89,7 @@ def _handle(conn: Connection) -> None:
         result = task.run_task(req)
     except Exception as e:  # reported to the ClientApp by type only; details stay in this log
         log.exception("%s failed at this hospital", req.kind)
-        conn.send(("error", type(e).__name__))
+        conn.send(("error", public_reason(e)))  # type, or a public error's message
         return
     conn.send(("ok", result))
 

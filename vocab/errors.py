@@ -25,6 +25,26 @@ class CheckpointError(FedsightError):
     """A checkpoint is missing, corrupt, or belongs to another model config."""
 
 
+class EhrSchemaMismatch(ConfigError):
+    """This hospital's EHR schema is not the federation's. Built from schema labels (`id@hash8`)
+    only, so its message may leave the hospital: the coordinator is told why the node refused."""
+
+    def __init__(self, site_label: str, federation_label: str) -> None:
+        super().__init__(f"this hospital's EHR schema {site_label} differs from the "
+                         f"federation's {federation_label}")
+
+
+# Errors whose message is public by construction (see public_reason).
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (EhrSchemaMismatch,)
+
+
+def public_reason(e: BaseException) -> str:
+    """What of an exception may be sent off-site: its type, plus the message of a public error."""
+    if isinstance(e, PUBLIC_ERRORS):
+        return f"{type(e).__name__}: {e}"
+    return type(e).__name__
+
+
 @dataclass(frozen=True)
 class DataProblem:
     """One problem found in a site's data.

@@ -28,6 +28,10 @@ MODEL_JSON: Final = "model-json"  # ModelConfig as JSON (the architecture of the
 TRAIN_JSON: Final = "train-json"  # TrainConfig overrides as JSON
 SEED: Final = "seed"  # split seed + local training seed
 MAX_CASES: Final = "max-cases"
+# The federation's EHR schema (vocab.ehr_schema): its id and content hash (sha256 hex). A node
+# whose site schema differs refuses the round (vocab.errors.EhrSchemaMismatch).
+EHR_SCHEMA: Final = "ehr-schema"
+EHR_SCHEMA_HASH: Final = "ehr-schema-hash"
 
 # ---- hospital -> coordinator: MetricRecord "metrics" (train and evaluate replies) ----
 TRAIN_LOSS: Final = "train-loss"
