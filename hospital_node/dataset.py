@@ -78,7 +78,8 @@ class _CaseLoader:
             return {"ct": grid, "ct_affine": affine,
                     "ct_tilt_deg": np.float64(series.tilt_deg)}, series.problems
 
-        return self._cached("ct", files, compute)
+        # The series rule decides what is read: a different rule is a different entry.
+        return self._cached(f"ct:{self.rule!r}", files, compute)
 
     def path(self, file: Path) -> tuple[dict, list[DataProblem]]:
         checked = check_file(file, self.root, code_prefix="path", max_bytes=MAX_TILE_BYTES)
@@ -182,7 +183,7 @@ def load_site(root: Path, inputs: InputConfig, cache_dir: Path | None = None, *,
     disc = discover(root, schema)
     problems += disc.problems + disc.ehr.problems + disc.labels.problems
     cache = _open_cache(root, cache_dir, use_cache, problems)
-    loader = _CaseLoader(root, inputs, cache, rule or SeriesRule())
+    loader = _CaseLoader(root, inputs, cache, rule or cfg.series_rule)
     report = SiteReport(cfg.site_id, cfg.ehr_schema or "(none)", problems=problems)
     cases = []
     for cf in disc.cases.values():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -38,7 +38,7 @@ from hospital_node.site_files import SiteFile
 from vocab.errors import DataProblem
 
 MAX_FILE_BYTES = 1 << 30        # one DICOM file; an Enhanced CT of 1000 512x512 frames is 0.5 GiB
-MAX_HEADER_BYTES = 64 << 20     # inflated size of a deflated dataset before its pixel data
+MAX_INFLATE_BYTES = 256 << 20   # a deflated dataset (rare for CT; a 512x512 slice is 0.5 MB)
 MIN_MATRIX, MAX_MATRIX = 16, 4096
 MAX_FRAMES = 5000
 PIXEL_SPACING_MM = (0.01, 20.0)  # in-plane; CT is 0.2-1.5 mm, 20 mm is already absurd
@@ -52,9 +52,9 @@ MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"               # DICOMDIR
 SUPPORTED_SOP = (CTImageStorage, EnhancedCTImageStorage)
 # Errors pydicom raises while parsing malformed files (never a programming error of ours):
 # LookupError covers an unknown SpecificCharacterSet, struct/zlib/Overflow bad binary data.
-READ_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, LookupError, TypeError,
-               AttributeError, NotImplementedError, RuntimeError, struct.error, zlib.error,
-               OverflowError, RecursionError)
+READ_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, ValueError,
+               LookupError, TypeError, AttributeError, NotImplementedError, RuntimeError,
+               struct.error, zlib.error, OverflowError, RecursionError)
 DICM_OFFSET = 128
 
 
@@ -117,22 +117,56 @@ def is_dicom_file(f: SiteFile) -> bool:
     return len(head) == DICM_OFFSET + 4 and head[DICM_OFFSET:] == b"DICM"
 
 
+MAX_META_ELEMENT = 1 << 16  # one file-meta element; real ones are < 100 bytes
+
+
+def _file_meta(path: Path) -> tuple[str, int]:
+    """(TransferSyntaxUID, offset where the dataset starts) from the Part 10 file meta group.
+
+    Parsed here, bounded, because pydicom's meta reader trusts the group length and element
+    lengths it finds (a flipped byte there reads gigabytes). Explicit VR little endian, always.
+    """
+    ts, offset = "", DICM_OFFSET + 4
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        while True:
+            head = fh.read(8)
+            if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
+                return ts, offset
+            elem, vr = struct.unpack("<H", head[2:4])[0], head[4:6]
+            if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+                more = fh.read(4)
+                if len(more) < 4:
+                    return ts, offset
+                length, size = struct.unpack("<I", more)[0], 12
+            else:
+                length, size = struct.unpack("<H", head[6:8])[0], 8
+            if length > MAX_META_ELEMENT:
+                raise HeaderError("dicom.unreadable", "FileMetaInformationGroupLength",
+                                  f"file meta element of {length} bytes")
+            value = fh.read(length)
+            if elem == 0x0010:
+                ts = value.rstrip(b"\x00 ").decode("ascii", "replace")
+            offset += size + length
+
+
 def _inflated_size_ok(f: SiteFile) -> bool:
     """For a deflated dataset: does it inflate to at most MAX_FILE_BYTES? (Others: True.)"""
-    meta = pydicom.filereader.read_file_meta_info(f.path)
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+    ts, start = _file_meta(f.path)
+    if ts != DeflatedExplicitVRLittleEndian:
         return True
-    group_len = meta.get("FileMetaInformationGroupLength")
-    if not isinstance(group_len, int):
-        return False  # cannot find where the deflated part starts: refuse rather than inflate
     with f.path.open("rb") as fh:
-        fh.seek(DICM_OFFSET + 4 + 12 + group_len)  # preamble, magic, (0002,0000) element, group
+        fh.seek(start)
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         while chunk := fh.read(1 << 20):
-            total += len(inflater.decompress(chunk, MAX_FILE_BYTES + 1 - total))
-            if total > MAX_FILE_BYTES or inflater.unconsumed_tail:
-                return False
+            # At most 1 MiB of output per call, counted and dropped: a bomb stops at the
+            # budget without ever holding more than a megabyte of it.
+            while chunk:
+                total += len(inflater.decompress(chunk, 1 << 20))
+                if total > MAX_INFLATE_BYTES:
+                    return False
+                chunk = inflater.unconsumed_tail
     return True
 
 
@@ -161,7 +195,7 @@ def _check_caps(f: SiteFile) -> None:
                           "byte limit per file")
     if not _inflated_size_ok(f):
         raise HeaderError("dicom.too_large", "TransferSyntaxUID", "deflated data inflates to "
-                          f"more than {MAX_FILE_BYTES} bytes")
+                          f"more than {MAX_INFLATE_BYTES} bytes")
 
 
 def read_dataset(f: SiteFile, *, pixels: bool) -> Dataset:
@@ -339,13 +373,15 @@ def parse_instance(f: SiteFile, ds: Dataset) -> Instance:
     rel = f.rel
     sop_class = _text(ds, "SOPClassUID")
     try:
-        image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
-    except (TypeError, ValueError):
+        raw_type = ds.get("ImageType") or ()
+        image_type = tuple(str(v).upper() for v in (
+            [raw_type] if isinstance(raw_type, str) else raw_type))
+    except READ_ERRORS:
         image_type = ()
     number = None
     try:
         number = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
-    except (TypeError, ValueError):
+    except READ_ERRORS:  # IS 'inf' raises OverflowError inside pydicom
         number = None
     inst = Instance(f, _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID"),
                     _text(ds, "Modality"), sop_class, image_type, number, 0, 0, 0, None)

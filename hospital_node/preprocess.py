@@ -24,7 +24,7 @@ from multimodal.grid import InputConfig
 from vocab.errors import DataError
 
 # Bump when the output of ct_to_grid/path_to_tensor changes for the same input (cache key).
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: CT read path for export trees (problems and choice changed)
 
 
 def grid_affine(centre_mm: np.ndarray, inputs: InputConfig) -> np.ndarray:

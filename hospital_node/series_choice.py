@@ -49,9 +49,15 @@ class SeriesRule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeriesRule:
-        unknown = sorted(set(d) - {"min_slices", "max_axial_deg", "require_original", "prefer"})
+        types = {"min_slices": int, "max_axial_deg": (int, float), "require_original": bool,
+                 "prefer": str}
+        unknown = sorted(str(k) for k in set(d) - set(types))
         if unknown:
-            raise ConfigError(f"unknown series rule key(s) {unknown}")
+            raise ConfigError(f"unknown series rule key(s) {unknown}; known: {sorted(types)}")
+        for k, v in d.items():
+            if not isinstance(v, types[k]) or (types[k] is int and isinstance(v, bool)):
+                raise ConfigError(f"series rule {k!r} has the wrong type "
+                                  f"({type(v).__name__})")
         return cls(**d)
 
 

@@ -23,12 +23,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hospital_node.series_choice import SeriesRule
 from hospital_node.site_files import check_file, read_bytes
 from vocab.ehr_schema import CHEST_V1, SCHEMAS, EhrSchema, load_schema_file, looks_like_path
 from vocab.errors import ConfigError, DataProblem
+from vocab.records import SITE_ID_PATTERN
 from vocab.site_layout import SITE_FILE
 
-SITE_KEYS = frozenset({"site_id", "ehr_schema"})
+SITE_KEYS = frozenset({"site_id", "ehr_schema", "ct_series"})
 MAX_SITE_JSON_BYTES = 64 * 1024  # a two-key object; anything larger is not a site.json
 
 
@@ -41,6 +43,7 @@ class SiteConfig:
     ehr_schema: str
     problems: tuple[DataProblem, ...] = ()
     schema: EhrSchema | None = None
+    series_rule: SeriesRule = SeriesRule()  # how a case's CT series is chosen (series_choice)
 
     @property
     def schema_hash(self) -> str:
@@ -126,15 +129,26 @@ def read_site_config(root: Path) -> SiteConfig:
                                  f"{sorted(SITE_KEYS)}"))
     if "site_id" in data:
         raw = data["site_id"]
-        if isinstance(raw, str) and raw.strip():
+        if isinstance(raw, str) and SITE_ID_PATTERN.fullmatch(raw.strip()):
             site_id = raw.strip()
         else:
-            problems.append(_problem("site.bad_site_id", f"site_id must be a non-empty string, "
-                                     f"got {type(raw).__name__}; using the folder name "
-                                     f"{site_id!r}", "site_id"))
+            # The site id is sent to the coordinator: letters, digits, . _ - only.
+            problems.append(_problem("site.bad_site_id", f"site_id must match "
+                                     f"{SITE_ID_PATTERN.pattern}, got {type(raw).__name__}; "
+                                     f"using the folder name {site_id!r}", "site_id"))
+    rule = SeriesRule()
+    if "ct_series" in data:
+        raw = data["ct_series"]
+        try:
+            if not isinstance(raw, dict):
+                raise ConfigError(f"expected an object, got {type(raw).__name__}")
+            rule = SeriesRule.from_dict(raw)
+        except (ConfigError, TypeError) as e:
+            problems.append(_problem("site.bad_config", f"ct_series: {str(e)[:200]}; using the "
+                                     "default series rule", "ct_series"))
     schema: EhrSchema | None = CHEST_V1
     if "ehr_schema" in data:
         schema, problem = _resolve_schema(root, data["ehr_schema"])
         if problem is not None:
             problems.append(problem)
-    return SiteConfig(site_id, schema.name if schema else "", tuple(problems), schema)
+    return SiteConfig(site_id, schema.name if schema else "", tuple(problems), schema, rule)

@@ -230,7 +230,7 @@ def test_deflate_bomb_is_refused_before_inflating(tmp_path: Path, monkeypatch) -
     ds.add_new("ImageComments", "LT", "A" * 3_000_000)  # compresses ~1000:1
     pydicom.dcmwrite(paths[0], ds, enforce_file_format=True)
     assert paths[0].stat().st_size < 100_000
-    monkeypatch.setattr(dicom_header, "MAX_FILE_BYTES", 1_000_000)
+    monkeypatch.setattr(dicom_header, "MAX_INFLATE_BYTES", 1_000_000)
     s = read_ct_series(tmp_path / "s", tmp_path)
     prob = next(p for p in s.problems if p.code == "dicom.too_large")
     assert "001.dcm" in prob.file and "inflates" in prob.message
@@ -290,3 +290,22 @@ def test_png_bomb_not_decoded(tmp_path: Path) -> None:
     t = read_tile(tmp_path / "big.png", "big.png")
     assert not t.usable and t.problems[0].code == "path.too_large"
     assert "pixel limit" in t.problems[0].message
+
+
+def test_site_json_sets_the_series_rule_and_bad_rules_are_reported(tmp_path: Path,
+                                                                   cache_dir: Path) -> None:
+    import json
+
+    root = tmp_path / "site"
+    folder = root / "ct" / "c1"
+    write_series(folder / "a", _vol(), CT_SPACING)
+    write_series(folder / "b", sphere_volume((20, 40, 40), (1.25, 1.5, 1.5), (10, 20, 20), 5),
+                 (1.25, 1.5, 1.5))
+    (root / "site.json").write_text(json.dumps({"ct_series": {"require_original": True}}))
+    site = load_site(root, SMALL, cache_dir)
+    assert "ct.no_usable_series" in site.report.codes("c1")  # neither says ORIGINAL/PRIMARY
+    (root / "site.json").write_text(json.dumps({"ct_series": {"prefer": "newest"}}))
+    site = load_site(root, SMALL, cache_dir)
+    bad = next(p for p in site.report.problems if p.field == "ct_series")
+    assert bad.code == "site.bad_config" and "newest" in bad.message
+    assert site.report.case("c1").modalities == ["ct"]  # default rule used instead

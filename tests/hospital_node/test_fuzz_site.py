@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from hospital_node.dataset import load_site
 
 MEMORY_BUDGET = 256 << 20
-CODE = re.compile(r"[a-z_]+\.[a-z_]+")
+CODE = re.compile(r"[a-z_]+(\.[a-z_]+)+")
 SHAPE, SPACING = (8, 24, 24), (2.5, 1.5, 1.5)
 N_SCALE = float(os.environ.get("FEDSIGHT_FUZZ_SCALE", "1"))  # >1 for a longer local run
 
@@ -176,7 +176,7 @@ def test_fuzz_dicom_header_values(template: Path, cache: Path, tmp_path_factory,
         ds.file_meta.TransferSyntaxUID = data.draw(TRANSFER_SYNTAXES)  # a lying syntax
         try:
             pydicom.dcmwrite(f, ds, enforce_file_format=False)
-        except (ValueError, NotImplementedError, AttributeError):
+        except (ValueError, NotImplementedError, AttributeError, OverflowError, TypeError):
             pass  # pydicom refuses to write some combinations: the file stays as it was
     _load_and_check(root, cache, victim_bad=bad)
 
@@ -233,13 +233,17 @@ def test_fuzz_filesystem_and_config(template: Path, cache: Path, tmp_path_factor
         slices[1].unlink()
         slices[1].mkdir()
     elif op == "nonutf8":
-        name = os.fsdecode(b"v\xff" + data.draw(st.binary(min_size=0, max_size=4)))
+        tail = data.draw(st.binary(max_size=4)).replace(b"\x00", b"").replace(b"/", b"")
+        name = os.fsdecode(b"v\xff" + tail)
         shutil.copytree(victim_ct, root / "ct" / name)
     elif op == "site_json":
         doc = data.draw(st.sampled_from([
             "[1, 2]", "null", "\"x\"", "{\"site_id\": 5}", "{\"site_id\": [\"a\"]}",
             "{\"ehr_schema\": {}}", "[" * 100_000, "{\"a\": " * 50_000, "\xff\xfe",
-            "{\"site_id\": \"\\u0000\"}", "{" + "\"k\": 1," * 5 + "}"]))
+            "{\"site_id\": \"\\u0000\"}", "{" + "\"k\": 1," * 5 + "}",
+            "{\"ct_series\": {\"prefer\": \"x\"}}", "{\"ct_series\": [1]}",
+            "{\"ct_series\": {\"min_slices\": true}}",
+            "{\"ct_series\": {\"max_axial_deg\": NaN}}"]))
         (root / "site.json").write_bytes(doc.encode("utf-8", "surrogateescape"))
         _load_and_check(root, cache, site_level=True)
         return
