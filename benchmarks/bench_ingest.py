@@ -25,11 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "hospital_node"))
 
-from dicom_writer import write_series  # noqa: E402
+import monai.transforms  # noqa: F401  (imported once here, not inside the first timing)
+from dicom_writer import write_series
 
-from hospital_node.dicom_series import read_ct_series  # noqa: E402
-from hospital_node.preprocess import ct_to_grid  # noqa: E402
-from multimodal.grid import InputConfig  # noqa: E402
+from hospital_node.dicom_series import read_ct_series
+from hospital_node.preprocess import ct_to_grid
+from multimodal.grid import InputConfig
 
 
 def _drop_caches() -> bool:
