@@ -107,7 +107,8 @@ def read_bundle(path: Path) -> list[dict[str, Any]]:
         if size > MAX_BUNDLE_BYTES:
             raise DataError(f"{path}: {size} bytes, over the limit of {MAX_BUNDLE_BYTES}")
         with path.open("rb") as f:
-            data = f.read(MAX_BUNDLE_BYTES + 1)
+            # size + 1, not the limit + 1: read(n) allocates n bytes before reading.
+            data = f.read(min(size, MAX_BUNDLE_BYTES) + 1)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__})") from None
     try:
