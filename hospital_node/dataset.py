@@ -165,9 +165,11 @@ def _model_schema(inputs: InputConfig) -> EhrSchema | None:
 def load_site(root: Path, inputs: InputConfig, cache_dir: Path | None = None, *,
               use_cache: bool = True, rule: SeriesRule | None = None) -> LoadedSite:
     """Every case of the site at `root`; usable ones as PreparedCase, all in the report."""
-    root = Path(root)
-    if not root.is_dir():
+    if not Path(root).is_dir():
         raise DataError(f"site data root {root} does not exist or is not a folder")
+    # Resolved once: the site root may itself be a link (/data -> /mnt/pacs-export), and every
+    # file the stages hand on is resolved, so names and cache keys are relative to the real root.
+    root = Path(root).resolve()
     cfg = read_site_config(root)
     problems = list(cfg.problems)
     model_schema = _model_schema(inputs)

@@ -309,3 +309,14 @@ def test_site_json_sets_the_series_rule_and_bad_rules_are_reported(tmp_path: Pat
     bad = next(p for p in site.report.problems if p.field == "ct_series")
     assert bad.code == "site.bad_config" and "newest" in bad.message
     assert site.report.case("c1").modalities == ["ct"]  # default rule used instead
+
+
+def test_site_root_reached_through_a_link_loads_like_the_real_one(tmp_path: Path,
+                                                                  cache_dir: Path) -> None:
+    real = tmp_path / "mnt" / "export"
+    write_good_case(real, "c1")
+    os.symlink(real, tmp_path / "data")  # hospitals mount exports and link them
+    site = load_site(tmp_path / "data", SMALL, cache_dir)
+    assert site.report.case("c1").modalities == ["ct", "path"]
+    again = load_site(tmp_path / "data", SMALL, cache_dir)
+    assert again.cache_hits == 2 and again.cache_misses == 0
