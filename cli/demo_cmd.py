@@ -68,7 +68,8 @@ def _open_clinician_app(args: argparse.Namespace, fed: Path) -> None:
     store = args.out / "store"
     model = store if (store / "clinical.json").is_file() else _local_model(args, site)
     print(f"[demo] clinician app for {site.name}: http://127.0.0.1:{args.ui_port} (Ctrl-C ends)")
-    launch_app(site, model, port=args.ui_port, cache_dir=args.out / "cache" / site.name)
+    launch_app(site, model, port=args.ui_port, cache_dir=args.out / "cache" / site.name,
+               audit_log=args.out / "audit" / f"{site.name}.jsonl")
 
 
 def _local_model(args: argparse.Namespace, site: Path) -> Path:

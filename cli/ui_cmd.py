@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users", type=Path, default=None,
                    help="users file (name:secret per line); default: $FEDSIGHT_UI_USERS")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache folder")
+    p.add_argument("--audit-log", type=Path, default=None,
+                   help="hospital-local audit log (default $XDG_STATE_HOME/fedsight/<site "
+                        "hash>/audit.jsonl; never inside the site root)")
+    p.add_argument("--audit-key", type=Path, default=None, metavar="KEY_FILE",
+                   help="HMAC key file for the audit log (0600, outside the log's folder; "
+                        "default $FEDSIGHT_AUDIT_KEY_FILE)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.set_defaults(func=_ui)
@@ -24,13 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _ui(args: argparse.Namespace) -> int:
     launch_app(args.site, args.model, host=args.host, port=args.port, users_file=args.users,
-               cache_dir=args.cache, threshold=args.threshold, threads=args.threads)
+               cache_dir=args.cache, threshold=args.threshold, threads=args.threads,
+               audit_log=args.audit_log, audit_key=args.audit_key)
     return 0
 
 
 def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 7860,
                users_file: Path | None = None, cache_dir: Path | None = None,
-               threshold: float = 0.5, threads: int = 2, block: bool = True) -> object:
+               threshold: float = 0.5, threads: int = 2, block: bool = True,
+               audit_log: Path | None = None, audit_key: Path | None = None) -> object:
     """Build the service and the app and serve it; returns the app when block=False."""
     import logging
 
@@ -38,17 +46,21 @@ def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 
 
     from explain.config import ExplainConfig
     from ui.app import build_app, serve  # enforces offline mode before importing gradio
-    from ui.config import UiConfig
+    from ui.config import UiConfig, audit_log_path
     from ui.service import DiagnosisService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(threads)
-    cfg = UiConfig(host=host, port=port, users=UiConfig.load_users(users_file))
+    cfg = UiConfig(host=host, port=port, users=UiConfig.load_users(users_file),
+                   audit_log=audit_log_path(site, audit_log), audit_key_file=audit_key)
+    audit = cfg.open_audit()
+    if audit is not None:
+        audit.check()  # a broken log stops the app at start, not at a clinician's first click
     service = DiagnosisService.from_paths(site, model, cache_dir, ExplainConfig(
-        threshold=threshold))
+        threshold=threshold), audit=audit)
     app = build_app(service, cfg)
     print(f"[ui] serving site {service.site_id} with model {service.served.version} on "
-          f"http://{host}:{port}" + ("" if cfg.users else " (no login: loopback only)"),
-          flush=True)
+          f"http://{host}:{port}" + ("" if cfg.users else " (no login: loopback only)")
+          + f"; audit log {cfg.audit_log}", flush=True)
     serve(app, cfg, block=block)
     return app

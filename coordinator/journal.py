@@ -44,6 +44,20 @@ class RoundRecord:
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
 
+    def audit_data(self, run_id: str, version: str | None, model_bytes: int) -> dict[str, Any]:
+        """The round as the audit log records it: every hospital messaged, what became of its
+        update (accepted / rejected with the reason / none received), bytes, pooled metrics."""
+        hs = sorted(self.hospitals.items())
+        return json_safe({
+            "run_id": run_id, "round": self.round, "status": self.status, "version": version,
+            "seconds": self.seconds,
+            "selected": [name for name, _ in hs],
+            "accepted": [name for name, h in hs if h.accepted],
+            "rejected": {name: h.reason for name, h in hs if h.accepted is False},
+            "no_update": [name for name, h in hs if h.accepted is None],
+            "bytes": {name: {"down": h.bytes_down, "up": h.bytes_up} for name, h in hs},
+            "model_bytes": model_bytes, "pooled": dict(self.pooled)})
+
 
 def pooled_means(per_hospital: dict[str, dict[str, float]], weight_key: str = "n"
                  ) -> dict[str, float]:

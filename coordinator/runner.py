@@ -16,11 +16,13 @@ from flwr.serverapp import Grid
 from coordinator.settings import RunSettings
 from coordinator.store import ModelStore, Version
 from coordinator.strategy import PerExpertFedAvg, build_strategy, record_bytes
+from vocab import audit
 from vocab import records as K
 from vocab.errors import ConfigError
 
 log = logging.getLogger("flwr.fedsight")
 VERSION_FORMAT = "fedsight-version/1"
+ACTOR = "coordinator"  # who the audit log names for runs and rounds
 
 
 def model_config(settings: RunSettings) -> Any:
@@ -119,19 +121,39 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
     run["flwr_run_ids"] = [*run.get("flwr_run_ids", []), flwr_run_id]
     run["status"] = "running"
     store.write_run(run)
+    trail = store.audit_log
+    trail.append(audit.RUN_STARTED, ACTOR, {
+        "run_id": run["run_id"], "flwr_run_id": flwr_run_id, "resumed": settings.resume,
+        "after_round": offset, "num_rounds": settings.num_rounds,
+        "strategy": settings.strategy, "aggregation": settings.aggregation})
 
     stats: dict[str, dict[str, float]] = run["hospitals"]
     strategy = build_strategy(
         settings, lambda g, ids: identify_hospitals(g, ids, settings, stats), round_offset=offset)
     on_round_end = _round_end_hook(store, strategy, settings, cfg, run)
     remaining = settings.num_rounds - offset
-    if remaining > 0:
-        strategy.start(grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
-                       timeout=settings.round_timeout, train_config=train_config_record(settings),
-                       evaluate_config=train_config_record(settings), evaluate_fn=on_round_end)
+    try:
+        if remaining > 0:
+            strategy.start(grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
+                           timeout=settings.round_timeout,
+                           train_config=train_config_record(settings),
+                           evaluate_config=train_config_record(settings),
+                           evaluate_fn=on_round_end)
+    except BaseException as e:
+        # The error's type only: its text may quote anything a library put into it.
+        try:
+            trail.append(audit.RUN_FAILED, ACTOR, {
+                "run_id": run["run_id"], "error": type(e).__name__,
+                "rounds_completed": run["rounds_completed"]})
+        except audit.AuditError as audit_error:  # keep the run's own error the one raised
+            log.error("run %s failed and could not be audited: %s", run["run_id"], audit_error)
+        raise
     run["status"] = "completed"
     run["finished"] = time.time()
     store.write_run(run)
+    trail.append(audit.RUN_FINISHED, ACTOR, {
+        "run_id": run["run_id"], "rounds_completed": run["rounds_completed"],
+        "versions": list(run["versions"])})
     return RunOutcome(run["run_id"], run["versions"], run["rounds_completed"], run["status"])
 
 
@@ -170,6 +192,8 @@ def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunS
         run["rounds_completed"] = rec.round
         run["rounds"].append(entry)
         store.write_run(run)
+        store.audit_log.append(audit.ROUND_COMPLETED, ACTOR, rec.audit_data(
+            run["run_id"], entry["version"], record_bytes(arrays)))
         return MetricRecord({k: v for k, v in rec.pooled.items() if v == v})
 
     return on_round_end

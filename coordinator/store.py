@@ -6,6 +6,8 @@ Layout (documented for the clinician UI in coordinator/README.md):
     <store>/versions/<version_id>/meta.json   round, run, config, parent, metrics, time, sha256
     <store>/runs/<run_id>.json                one training campaign: rounds, status, versions
     <store>/clinical.json                     the version clinicians get + promotion history
+    <store>/audit.jsonl                       hash-chained audit log (vocab.audit): runs, rounds,
+                                              promotions, rollbacks; no case ids
 
 version_id = "<seq:04d>-<first 12 hex of sha256(model.pt)>"; seq orders versions in the store.
 Writes go to a temporary folder first and are renamed into place, so a crash never leaves a
@@ -25,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vocab import audit
 from vocab.errors import FedsightError
 
 META = "meta.json"
 MODEL = "model.pt"
 CLINICAL = "clinical.json"
+AUDIT = "audit.jsonl"
 
 
 class StoreError(FedsightError):
@@ -90,6 +94,11 @@ class ModelStore:
     @property
     def versions_dir(self) -> Path:
         return self.root / "versions"
+
+    @property
+    def audit_log(self) -> audit.AuditLog:
+        """The store's audit log (keyed by $FEDSIGHT_AUDIT_KEY_FILE when set)."""
+        return audit.AuditLog.open(self.root / AUDIT)
 
     # ---- versions ----
     def add_version(self, write_model: Any, meta: Mapping[str, Any]) -> Version:
@@ -184,21 +193,27 @@ class ModelStore:
         return PromotionCheck(not reasons, tuple(reasons))
 
     def promote(self, version_id: str, metric: str = "auc", margin: float = 0.02,
-                force: bool = False, note: str = "") -> Version:
+                force: bool = False, note: str = "", actor: str = "") -> Version:
         cand = self.get(version_id)
         self.verify(cand)
         check = self.check_promotion(cand, metric, margin)
         if not check.ok and not force:
             raise StoreError(f"refusing to promote {cand.id}: " + "; ".join(check.reasons))
+        log = self.audit_log
+        log.check()  # a promotion that cannot be audited does not happen
         state = self.clinical()
         history = list(state.get("history", []))
-        history.append({"version": cand.id, "action": "promote", "time": time.time(),
-                        "forced": bool(force and not check.ok), "note": note,
-                        "previous": state.get("version")})
+        entry = {"version": cand.id, "action": "promote", "time": time.time(),
+                 "forced": bool(force and not check.ok), "note": note,
+                 "previous": state.get("version")}
+        history.append(entry)
         _write_json(self.root / CLINICAL, {"version": cand.id, "history": history})
+        log.append(audit.MODEL_PROMOTED, actor or audit.local_actor(),
+                   {k: entry[k] for k in ("version", "previous", "forced", "note")}
+                   | {"metric": metric, "margin": margin, "check": list(check.reasons)})
         return cand
 
-    def rollback(self) -> Version:
+    def rollback(self, actor: str = "") -> Version:
         """Point clinicians back at the version that was clinical before the current one."""
         state = self.clinical()
         history = list(state.get("history", []))
@@ -211,9 +226,13 @@ class ModelStore:
             raise StoreError(f"nothing to roll back to: {current} was the first clinical version")
         target = self.get(previous)
         self.verify(target)
+        log = self.audit_log
+        log.check()
         history.append({"version": target.id, "action": "rollback", "time": time.time(),
                         "previous": current})
         _write_json(self.root / CLINICAL, {"version": target.id, "history": history})
+        log.append(audit.MODEL_ROLLED_BACK, actor or audit.local_actor(),
+                   {"version": target.id, "previous": current})
         return target
 
 

@@ -8,6 +8,7 @@ diagnose, diagnose_upload, ct_slice, ask, feedback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import gradio as gr  # noqa: E402
 from explain.answers import QUESTIONS  # noqa: E402
 from ui.config import UiConfig  # noqa: E402
 from ui.service import Diagnosis, DiagnosisService  # noqa: E402
+from vocab import audit as A  # noqa: E402
+from vocab.audit import AuditLog  # noqa: E402
 from vocab.errors import DataError  # noqa: E402
 
 CORRECTED = {"benign (0)": 0, "malignant (1)": 1}
@@ -43,14 +46,31 @@ def _paths(files: Any) -> list[Path]:
     return [Path(f if isinstance(f, str) else f.name) for f in items]
 
 
+def _user(request: gr.Request | None) -> str:
+    return (getattr(request, "username", None) or "") if request is not None else ""
+
+
+def login_check(cfg: UiConfig, audit: AuditLog | None) -> Callable[[str, str], bool]:
+    """Gradio's auth callable: cfg.authenticate, with every attempt in the audit log (the user
+    name only; an attempt that cannot be audited is refused)."""
+
+    def check(name: str, password: str) -> bool:
+        ok = cfg.authenticate(name, password)
+        if audit is not None:
+            audit.append(A.UI_LOGIN if ok else A.UI_LOGIN_FAILED, name[:128])
+        return ok
+
+    return check
+
+
 def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
     schema = service.served.model.schema
 
-    def diagnose(case_id: str) -> tuple[Any, ...]:
+    def diagnose(case_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         if not case_id:
             raise gr.Error("Choose a case from the worklist first.")
         try:
-            return _outputs(service.diagnose_case(case_id))
+            return _outputs(service.diagnose_case(case_id, _user(request)))
         except DataError as e:
             raise gr.Error(str(e)) from None
 
@@ -86,10 +106,9 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
             raise gr.Error("Diagnose a case first.")
         if verdict not in ("agree", "disagree"):
             raise gr.Error("Choose agree or disagree.")
-        user = (getattr(request, "username", None) or "") if request is not None else ""
         try:
             row = service.send_feedback(handle, verdict, CORRECTED.get(corrected or ""),
-                                        comment or "", user)
+                                        comment or "", _user(request))
         except DataError as e:
             raise gr.Error(str(e)) from None
         return f"Feedback saved (#{row}). It becomes a training label in the next round."
@@ -155,7 +174,7 @@ def serve(app: gr.Blocks, cfg: UiConfig, block: bool = True) -> None:
     app.queue(default_concurrency_limit=4).launch(
         server_name=cfg.host,
         server_port=cfg.port,
-        auth=cfg.authenticate if cfg.users else None,
+        auth=login_check(cfg, cfg.open_audit()) if cfg.users else None,
         auth_message="fedsight: sign in with your hospital account",
         max_file_size=cfg.max_file_size,
         allowed_paths=[],  # serve nothing from disk beyond Gradio's own cache

@@ -3,6 +3,10 @@
 Users come from a file (one `name:secret` per line, `#` comments) or the environment variable
 FEDSIGHT_UI_USERS (`name:secret,name2:secret2`). A secret is either `pbkdf2_sha256$<iterations>$
 <salt hex>$<hash hex>` (see `hash_password`) or, for demos only, a plain password.
+
+The hospital-local audit log (logins, diagnoses, feedback; vocab.audit) goes to `audit_log`,
+by default `$XDG_STATE_HOME/fedsight/<site hash>/audit.jsonl`: never inside the site data root,
+which is read-only to fedsight.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from vocab.audit import AuditLog
 from vocab.errors import ConfigError
 
 USERS_ENV: Final = "FEDSIGHT_UI_USERS"
@@ -53,6 +58,8 @@ class UiConfig:
     """host/port: where the server listens (127.0.0.1 unless hospital IT opens it up).
     users: name -> secret; empty = no login (only allowed on 127.0.0.1, for tests and demos).
     max_file_size: per uploaded file (Gradio enforces it before our code runs).
+    audit_log: the hospital-local audit log (None: none is kept); audit_key_file: its HMAC key
+    (default $FEDSIGHT_AUDIT_KEY_FILE; unkeyed when neither is set).
     """
 
     host: str = "127.0.0.1"
@@ -60,6 +67,8 @@ class UiConfig:
     users: tuple[tuple[str, str], ...] = ()
     max_file_size: str = "200mb"
     title: str = "fedsight — diagnosis"
+    audit_log: Path | None = None
+    audit_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -67,6 +76,9 @@ class UiConfig:
         if not self.users and self.host not in ("127.0.0.1", "localhost"):
             raise ConfigError(f"refusing to serve on {self.host!r} without users: pass --users "
                               f"or set {USERS_ENV}")
+
+    def open_audit(self) -> AuditLog | None:
+        return AuditLog.open(self.audit_log, self.audit_key_file) if self.audit_log else None
 
     def authenticate(self, name: str, password: str) -> bool:
         secret = dict(self.users).get(name)
@@ -82,3 +94,17 @@ class UiConfig:
             return tuple(sorted(parse_users(text, str(path)).items()))
         env = os.environ.get(USERS_ENV, "")
         return tuple(sorted(parse_users(env, USERS_ENV).items())) if env else ()
+
+
+def audit_log_path(site_root: Path, path: Path | None = None) -> Path:
+    """`path`, or the default per-site audit log; ConfigError if it is inside the site root."""
+    root = Path(site_root).expanduser().resolve()
+    if path is None:
+        state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        site_hash = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+        path = state / "fedsight" / site_hash / "audit.jsonl"
+    path = Path(path).expanduser().resolve()
+    if path.is_relative_to(root):
+        raise ConfigError(f"--audit-log {path} is inside the site data root {root}, which is "
+                          "read-only to fedsight; choose another")
+    return path

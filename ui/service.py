@@ -27,6 +27,8 @@ from multimodal.data import PreparedCase
 from ui import render
 from ui.model_source import ServedModel, load_served_model
 from ui.uploads import UploadError, case_from_upload
+from vocab import audit as A
+from vocab.audit import AuditLog
 from vocab.errors import DataError
 from vocab.feedback_store import Feedback, FeedbackStore
 from vocab.modalities import MODALITY_LABELS
@@ -60,8 +62,11 @@ class _Entry:
 
 class DiagnosisService:
     def __init__(self, served: ServedModel, cases: Sequence[PreparedCase], site_id: str,
-                 feedback: FeedbackStore, cfg: ExplainConfig) -> None:
+                 feedback: FeedbackStore, cfg: ExplainConfig, audit: AuditLog | None = None
+                 ) -> None:
         self.served, self.site_id, self.feedback_store, self.cfg = served, site_id, feedback, cfg
+        # Hospital-local: it may name case ids, never other patient values.
+        self.audit = audit
         self._cases = {c.case_id: c for c in cases}
         self._lock = threading.Lock()
         self._recent: OrderedDict[str, _Entry] = OrderedDict()
@@ -70,7 +75,7 @@ class DiagnosisService:
 
     @classmethod
     def from_paths(cls, site_root: Path, model_path: Path, cache_dir: Path | None,
-                   cfg: ExplainConfig) -> DiagnosisService:
+                   cfg: ExplainConfig, audit: AuditLog | None = None) -> DiagnosisService:
         """Load the model and preprocess the site's worklist (hospital files are only read)."""
         from hospital_node.dataset import read_site_config
 
@@ -78,7 +83,8 @@ class DiagnosisService:
         served = load_served_model(model_path, site_id)
         site = load_site(Path(site_root), served.model.cfg.inputs, cache_dir)
         log.info("worklist: %d usable cases; model %s", len(site.cases), served.version)
-        return cls(served, site.cases, site.site_id, FeedbackStore.at_site(site_root), cfg)
+        return cls(served, site.cases, site.site_id, FeedbackStore.at_site(site_root), cfg,
+                   audit)
 
     # ---- worklist / uploads ----
     def worklist(self) -> list[tuple[str, str]]:
@@ -89,12 +95,12 @@ class DiagnosisService:
             out.append((f"{cid} ({mods})", cid))
         return out
 
-    def diagnose_case(self, case_id: str) -> Diagnosis:
+    def diagnose_case(self, case_id: str, user: str = "") -> Diagnosis:
         try:
             case = self._cases[case_id]
         except KeyError:
             raise DataError("that case is not on this site's worklist") from None
-        return self._diagnose(case)
+        return self._diagnose(case, user)
 
     def diagnose_upload(self, dicom_files: Sequence[Path], pathology: Path | None,
                         ehr_values: Mapping[str, float | int | str | None]) -> Diagnosis:
@@ -107,9 +113,13 @@ class DiagnosisService:
         return d
 
     # ---- diagnosis ----
-    def _diagnose(self, case: PreparedCase) -> Diagnosis:
+    def _diagnose(self, case: PreparedCase, user: str = "") -> Diagnosis:
         with self._lock:
             e = explain_case(self.served.model, case, self.cfg, self.served.version)
+        if self.audit is not None:  # before it is shown: an unaudited diagnosis is not served
+            self.audit.append(A.UI_DIAGNOSIS, user, {
+                "case_id": case.case_id, "model_version": e.model_version,
+                "probability": float(e.probability)})
         t0 = time.perf_counter()
         handle = uuid.uuid4().hex
         self._recent[handle] = _Entry(case, e)
@@ -170,6 +180,10 @@ class DiagnosisService:
                       corrected_label, comment.strip()[:2000], user)
         row = self.feedback_store.add(fb)
         log.info("feedback stored (row %d, %s)", row, verdict)
+        if self.audit is not None:  # the row, not its content: labels and comments stay there
+            self.audit.append(A.UI_FEEDBACK, user, {
+                "case_id": fb.case_id, "model_version": fb.model_version,
+                "verdict": fb.verdict, "feedback_row": row})
         return row
 
     # ---- text ----
