@@ -78,8 +78,11 @@ class _CaseLoader:
             return {"ct": grid, "ct_affine": affine,
                     "ct_tilt_deg": np.float64(series.tilt_deg)}, series.problems
 
-        # The series rule decides what is read: a different rule is a different entry.
-        return self._cached(f"ct:{self.rule!r}", files, compute)
+        # The series rule decides what is read: a different rule is a different entry. The
+        # folder is in the key too: problems name it, and a folder whose files are all refused
+        # (a link out of the root) has no file to tell it apart from another such folder.
+        rel = rel_name(folder, self.root)
+        return self._cached(f"ct:{rel}:{self.rule!r}", files, compute)
 
     def path(self, file: Path) -> tuple[dict, list[DataProblem]]:
         checked = check_file(file, self.root, code_prefix="path", max_bytes=MAX_TILE_BYTES)

@@ -320,3 +320,14 @@ def test_site_root_reached_through_a_link_loads_like_the_real_one(tmp_path: Path
     assert site.report.case("c1").modalities == ["ct", "path"]
     again = load_site(tmp_path / "data", SMALL, cache_dir)
     assert again.cache_hits == 2 and again.cache_misses == 0
+
+
+def test_refused_folders_do_not_share_a_cache_entry(tmp_path: Path, cache_dir: Path) -> None:
+    root = tmp_path / "site"
+    (root / "ct" / "empty").mkdir(parents=True)
+    os.symlink(tmp_path, root / "ct" / "out")  # no readable file either
+    for _ in range(2):  # second pass: from the cache
+        rep = load_site(root, SMALL, cache_dir).report
+        assert "ct.outside_root" in rep.codes("out") and "ct.outside_root" not in rep.codes("empty")
+        assert "ct.empty" in rep.codes("empty")
+        assert all("ct/out" not in p.message for p in rep.case("empty").problems)
