@@ -72,6 +72,12 @@ def _pacs_export(dest: Path) -> list[str]:
     sc.StudyInstanceUID = study
     fs.add(sc)
     fs.write(dest)
+    # Another study's single slice from pydicom's own test files, dropped in by a PACS that
+    # exports by date: a CT series of one slice, which the rule must skip, not stack.
+    from pydicom.data import get_testdata_file
+
+    (dest / "EXTRA").mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), dest / "EXTRA" / "IM0")
     # Vendor clutter as exports carry it: a viewer's index and a readme, not DICOM.
     (dest / "VIEWER").mkdir()
     (dest / "VIEWER" / "INDEX").write_bytes(b"\x00\x01vendor-index" * 40)
@@ -86,7 +92,7 @@ def test_pacs_export_tree_gives_one_case_with_the_chosen_series_named(tmp_path: 
     _pacs_export(root / "ct" / "case1")
     files = [p for p in (root / "ct" / "case1").rglob("*") if p.is_file()]
     assert any(p.name == "DICOMDIR" for p in files)
-    assert all(p.suffix == "" for p in files)  # no .dcm anywhere, as exports are
+    assert all(p.suffix == "" for p in files if p.parent.name != "EXTRA")  # no .dcm, as exports
     before = snapshot(root)
     site = load_site(root, SMALL, cache_dir)
     rep = site.report.case("case1")
@@ -98,6 +104,7 @@ def test_pacs_export_tree_gives_one_case_with_the_chosen_series_named(tmp_path: 
     assert "series 1" in chosen.message and "localizer" in chosen.message
     assert "series 5" in chosen.message and "ranked lower (7 slices" in chosen.message
     assert "series 99" in chosen.message and "dicom.secondary_capture" in chosen.message
+    assert "EXTRA: 1 slice(s), fewer than 3" in chosen.message
     not_dicom = next(p for p in rep.problems if p.code == "dicom.not_dicom")
     assert not not_dicom.fatal and "README" in not_dicom.message
     assert snapshot(root) == before  # nothing written into the site root
