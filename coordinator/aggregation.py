@@ -1,4 +1,5 @@
-"""Update screening and per-expert aggregation on plain numpy state dicts (no Flower types).
+"""Per-expert aggregation on plain numpy state dicts (no Flower types); screening is in
+coordinator.screening.
 
 Per-expert aggregation (DESIGN.md section 5): a routed expert's parameters are averaged with the
 hospitals' token counts for that expert as weights (an expert no hospital routed a token to keeps
@@ -10,9 +11,8 @@ their token counts arrive as metric keys `expert-tokens.{layer}.{expert}` (vocab
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,77 +54,6 @@ class Update:
     expert_tokens: Mapping[tuple[int, int], float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Verdict:
-    hospital: str
-    accepted: bool
-    norm: float  # L2 norm of (local - global) over floating-point arrays; nan if not computable
-    reason: str = ""  # why it was left out (empty when accepted)
-
-
-def update_norm(state: State, global_state: State) -> float:
-    total = 0.0
-    for key, g in global_state.items():
-        if np.issubdtype(g.dtype, np.floating):
-            d = state[key].astype(np.float64) - g.astype(np.float64)
-            total += float(np.sum(d * d))
-    return math.sqrt(total)
-
-
-def _structural_problem(u: Update, global_state: State) -> str:
-    if set(u.state) != set(global_state):
-        missing = sorted(set(global_state) - set(u.state))[:3]
-        extra = sorted(set(u.state) - set(global_state))[:3]
-        return f"arrays do not match the global model (missing {missing}, unexpected {extra})"
-    for key, g in global_state.items():
-        if u.state[key].shape != g.shape:
-            return f"array {key!r} has shape {u.state[key].shape}, global has {g.shape}"
-    if u.num_examples <= 0:
-        return f"num-examples is {u.num_examples}"
-    for key, a in u.state.items():
-        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-            return f"non-finite values in array {key!r}"
-    if any(not math.isfinite(v) or v < 0 for v in u.expert_tokens.values()):
-        return "non-finite or negative expert token counts"
-    return ""
-
-
-def screen_updates(updates: Sequence[Update], global_state: State, z_max: float = 3.5,
-                   ratio_max: float = 3.0) -> list[Verdict]:
-    """Reject malformed/non-finite updates, then flag norm outliers among the rest.
-
-    Outlier rule: robust z = 0.6745 * (norm - median) / MAD above z_max AND norm above
-    ratio_max * median. The ratio guard keeps a federation of three honest hospitals, whose MAD
-    can be tiny, from flagging the largest one; with fewer than 3 finite updates nothing is
-    flagged (there is no majority to compare against).
-    """
-    verdicts: dict[str, Verdict] = {}
-    norms: dict[str, float] = {}
-    for u in updates:
-        problem = _structural_problem(u, global_state)
-        if problem:
-            verdicts[u.hospital] = Verdict(u.hospital, False, math.nan, problem)
-            continue
-        n = update_norm(u.state, global_state)
-        if not math.isfinite(n):
-            verdicts[u.hospital] = Verdict(u.hospital, False, n, "update norm is not finite")
-            continue
-        norms[u.hospital] = n
-    if len(norms) >= 3:
-        values = np.array(list(norms.values()))
-        med = float(np.median(values))
-        mad = float(np.median(np.abs(values - med)))
-        scale = max(mad, 1e-12 * max(med, 1.0))
-        for h, n in norms.items():
-            z = 0.6745 * (n - med) / scale
-            if z > z_max and n > ratio_max * med:
-                verdicts[h] = Verdict(h, False, n, f"update norm {n:.4g} is an outlier (median "
-                                      f"{med:.4g}, robust z {z:.1f} > {z_max})")
-    for h, n in norms.items():
-        verdicts.setdefault(h, Verdict(h, True, n))
-    return [verdicts[u.hospital] for u in updates]
-
-
 def unused_expert_keys(updates: Sequence[Update], global_state: State) -> frozenset[str]:
     """Expert parameters no update routed a token to (per-expert aggregation keeps them)."""
     used = {e for u in updates for e, n in u.expert_tokens.items() if n > 0}
@@ -138,24 +67,57 @@ def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.asarray(value).astype(like.dtype)
 
 
-def aggregate(updates: Sequence[Update], global_state: State, per_expert: bool = True
-              ) -> dict[str, np.ndarray]:
-    """Weighted average of accepted updates (see module doc). Dtypes follow the global model;
-    integer buffers (e.g. BatchNorm's num_batches_tracked) are averaged then rounded."""
+Combine = Callable[[Sequence[State], np.ndarray], dict[str, np.ndarray]]
+
+
+def weighted_mean(states: Sequence[State], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """FedAvg's rule on one group of parameters: the weighted mean, in float64."""
+    w = weights / weights.sum()
+    out: dict[str, np.ndarray] = {}
+    for key in states[0]:
+        acc = np.zeros(np.shape(states[0][key]), dtype=np.float64)
+        for s, wi in zip(states, w, strict=True):
+            acc += s[key].astype(np.float64) * wi
+        out[key] = acc
+    return out
+
+
+def parameter_groups(updates: Sequence[Update], global_state: State, per_expert: bool
+                     ) -> list[tuple[list[str], list[int], np.ndarray]]:
+    """(keys, indices of the contributing updates, their weights) per aggregation group: every
+    non-expert parameter with all updates weighted by examples; with per_expert, each routed
+    expert with the updates that routed tokens to it, weighted by those tokens (an expert nobody
+    used is no group: it keeps the global copy)."""
+    examples = np.array([u.num_examples for u in updates], dtype=np.float64)
+    shared: list[str] = []
+    experts: dict[tuple[int, int], list[str]] = {}
+    for key in global_state:
+        which = expert_of(key) if per_expert else None
+        if which is None:
+            shared.append(key)
+        else:
+            experts.setdefault(which, []).append(key)
+    groups = [(shared, list(range(len(updates))), examples)] if shared else []
+    for which, keys in experts.items():
+        tokens = np.array([u.expert_tokens.get(which, 0.0) for u in updates], np.float64)
+        users = [i for i, t in enumerate(tokens) if t > 0]
+        if users:
+            groups.append((keys, users, tokens[users]))
+    return groups
+
+
+def aggregate(updates: Sequence[Update], global_state: State, per_expert: bool = True,
+              combine: Combine = weighted_mean) -> dict[str, np.ndarray]:
+    """Merge accepted updates group by group (parameter_groups) with `combine` (default: the
+    weighted mean; coordinator.robust has median, trimmed mean, (Multi-)Krum). Dtypes follow the
+    global model; integer buffers (e.g. BatchNorm's num_batches_tracked) are rounded."""
     if not updates:
         raise ValueError("aggregate() needs at least one update")
-    examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-    out: dict[str, np.ndarray] = {}
-    for key, g in global_state.items():
-        weights = examples
-        which = expert_of(key) if per_expert else None
-        if which is not None:
-            weights = np.array([u.expert_tokens.get(which, 0.0) for u in updates], np.float64)
-            if weights.sum() <= 0:
-                out[key] = g.copy()  # no hospital routed a token here: keep the global copy
-                continue
-        acc = np.zeros(g.shape, dtype=np.float64)
-        for u, w in zip(updates, weights / weights.sum(), strict=True):
-            acc += u.state[key].astype(np.float64) * w
-        out[key] = cast_like(acc, g)
+    out = {key: g.copy() for key, g in global_state.items()}
+    for keys, idx, weights in parameter_groups(updates, global_state, per_expert):
+        merged = combine([{k: updates[i].state[k] for k in keys} for i in idx], weights)
+        for key in keys:
+            # reshape: Flower's Array turns a 0-d buffer into shape (1,)
+            out[key] = cast_like(np.reshape(merged[key], global_state[key].shape),
+                                 global_state[key])
     return out

@@ -12,12 +12,20 @@ from typing import Any
 
 from vocab.json_config import json_safe
 
+# What became of a hospital selected for training in a round.
+ACCEPTED, REJECTED, DROPPED = "accepted", "rejected", "dropped"
+
 
 @dataclass
 class HospitalRound:
-    accepted: bool | None = None  # None: the hospital sent no usable training reply
-    reason: str = ""  # why its update was left out / its reply failed
+    selected: bool = False  # sent a training message this round
+    # accepted: merged; rejected: its reply came and the coordinator refused the update
+    # (screening, malformed); dropped: no usable reply (lost, timed out, or the node reported
+    # an error). "" while the round runs or for a hospital only asked to evaluate.
+    outcome: str = ""
+    reason: str = ""  # why its update was rejected / dropped
     update_norm: float = math.nan
+    cosine: float = math.nan  # screening's direction score (coordinator.screening)
     num_examples: int = 0
     bytes_down: int = 0  # global model sent to it this round (train + evaluate)
     bytes_up: int = 0  # its training reply (arrays + metrics)
@@ -37,6 +45,11 @@ class RoundRecord:
     def hospital(self, name: str) -> HospitalRound:
         return self.hospitals.setdefault(name, HospitalRound())
 
+    def outcomes(self) -> dict[str, dict[str, str]]:
+        """{site: {"outcome", "reason"}} for every hospital selected for training."""
+        return {name: {"outcome": h.outcome, "reason": h.reason}
+                for name, h in sorted(self.hospitals.items()) if h.selected}
+
     @property
     def seconds(self) -> float:
         return self.finished - self.started
@@ -51,10 +64,10 @@ class RoundRecord:
         return json_safe({
             "run_id": run_id, "round": self.round, "status": self.status, "version": version,
             "seconds": self.seconds,
-            "selected": [name for name, _ in hs],
-            "accepted": [name for name, h in hs if h.accepted],
-            "rejected": {name: h.reason for name, h in hs if h.accepted is False},
-            "no_update": [name for name, h in hs if h.accepted is None],
+            "selected": [name for name, h in hs if h.selected],
+            "accepted": [name for name, h in hs if h.outcome == ACCEPTED],
+            "rejected": {name: h.reason for name, h in hs if h.outcome == REJECTED},
+            "dropped": {name: h.reason for name, h in hs if h.outcome == DROPPED},
             "bytes": {name: {"down": h.bytes_down, "up": h.bytes_up} for name, h in hs},
             "model_bytes": model_bytes, "pooled": dict(self.pooled)})
 

@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from coordinator.robust import ROBUST_NAMES, RobustName, RobustRule
+from coordinator.screening import ScreenRule
+from vocab import records as K
 from vocab.errors import ConfigError
 from vocab.json_config import json_object
 
@@ -41,10 +44,21 @@ class RunSettings:
     # is more than screen_ratio x the median norm is left out (needs >= 3 updates to judge).
     screen_z: float = 3.5
     screen_ratio: float = 3.0
-    # Local training (sent to hospitals each round).
-    local_epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 16
+    # An update under screen_free_ratio x the others' median norm is a free-rider (the model
+    # sent back unchanged); one whose cosine to the coordinate-wise median update is under
+    # screen_min_cosine points away from the federation (coordinator.screening).
+    screen_free_ratio: float = 0.01
+    screen_min_cosine: float = 0.0
+    # Merge rule per parameter group after screening (coordinator.robust): "none" = weighted
+    # mean; Flower's median, trimmed-mean (robust-beta cut at each end), krum or multikrum
+    # (robust-byzantine attackers assumed).
+    robust_aggregation: RobustName = "none"
+    robust_beta: float = 0.25
+    robust_byzantine: int = 1
+    # Local training (sent to hospitals each round; defaults shared with the hospital side).
+    local_epochs: int = K.DEFAULT_LOCAL_EPOCHS
+    lr: float = K.DEFAULT_LR
+    batch_size: int = K.DEFAULT_BATCH_SIZE
     # Rounds 1..stage1_rounds train each encoder with its own head (progressive alignment);
     # later rounds train the fused model.
     stage1_rounds: int = 1
@@ -79,8 +93,27 @@ class RunSettings:
                 f"screen-z must be > 0 and screen-ratio >= 1, got {self.screen_z!r}/"
                 f"{self.screen_ratio!r}"
             )
+        if self.screen_free_ratio < 0 or not -1.0 <= self.screen_min_cosine <= 1.0:
+            raise ConfigError(
+                f"screen-free-ratio must be >= 0 and screen-min-cosine in [-1, 1], got "
+                f"{self.screen_free_ratio!r}/{self.screen_min_cosine!r}")
+        if self.robust_aggregation not in ROBUST_NAMES:
+            raise ConfigError(f"robust-aggregation must be one of {'|'.join(ROBUST_NAMES)}, "
+                              f"got {self.robust_aggregation!r}")
+        if not 0.0 <= self.robust_beta < 0.5 or self.robust_byzantine < 0:
+            raise ConfigError(f"robust-beta must be in [0, 0.5) and robust-byzantine >= 0, got "
+                              f"{self.robust_beta!r}/{self.robust_byzantine!r}")
         for key in ("model_json", "train_json"):
             self.json_overrides(key)
+
+    @property
+    def screen_rule(self) -> ScreenRule:
+        return ScreenRule(self.screen_z, self.screen_ratio, self.screen_free_ratio,
+                          self.screen_min_cosine)
+
+    @property
+    def robust_rule(self) -> RobustRule:
+        return RobustRule(self.robust_aggregation, self.robust_beta, self.robust_byzantine)
 
     def json_overrides(self, key: str) -> dict[str, Any]:
         return json_object(getattr(self, key), key.replace("_", "-"))

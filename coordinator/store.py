@@ -34,6 +34,9 @@ META = "meta.json"
 MODEL = "model.pt"
 CLINICAL = "clinical.json"
 AUDIT = "audit.jsonl"
+# How a run that did not complete ended: the ServerApp raised (failed) or was stopped by the
+# operator (`flwr stop`, timeout, Ctrl-C); "running" and "completed" are the others.
+RUN_END_STATES = ("failed", "stopped")
 
 
 class StoreError(FedsightError):
@@ -159,6 +162,30 @@ class ModelStore:
     def latest_unfinished_run(self) -> dict[str, Any] | None:
         runs = [r for r in self.list_runs() if r.get("status") != "completed"]
         return runs[-1] if runs else None
+
+    def run_with_flwr_id(self, flwr_run_id: int) -> dict[str, Any] | None:
+        """The store's run that a Flower run id (`flwr run`) served, if any."""
+        runs = [r for r in self.list_runs() if flwr_run_id in r.get("flwr_run_ids", [])]
+        return runs[-1] if runs else None
+
+    def end_run(self, run_id: str, status: str, reason: str, actor: str = "coordinator"
+                ) -> dict[str, Any]:
+        """Record that a run ended without completing (status 'failed' or 'stopped'), as the
+        operator's side saw it: a ServerApp stopped by `flwr stop` or killed cannot write this
+        itself. A completed run is left as it is; the audit log gets a run-failed entry."""
+        if status not in RUN_END_STATES:
+            raise StoreError(f"end_run status must be one of {RUN_END_STATES}, got {status!r}")
+        run = next((r for r in self.list_runs() if r.get("run_id") == run_id), None)
+        if run is None:
+            raise StoreError(f"no run {run_id!r} in store {str(self.root)!r}")
+        if run.get("status") == "completed":
+            return run
+        run = {**run, "status": status, "ended_reason": reason, "finished": time.time()}
+        self.write_run(run)
+        self.audit_log.append(audit.RUN_FAILED, actor, {
+            "run_id": run_id, "error": reason, "status": status,
+            "rounds_completed": run.get("rounds_completed", 0)})
+        return run
 
     # ---- clinical pointer ----
     def clinical(self) -> dict[str, Any]:

@@ -24,16 +24,20 @@ from coordinator.aggregation import (
     aggregate,
     cast_like,
     parse_expert_tokens,
-    screen_updates,
     unused_expert_keys,
 )
-from coordinator.journal import RoundRecord, pooled_means
+from coordinator.identify import identify_hospitals, sent_to
+from coordinator.journal import ACCEPTED, DROPPED, REJECTED, RoundRecord, pooled_means
+from coordinator.robust import combiner
+from coordinator.run_state import RunState
+from coordinator.screening import screen_updates
 from coordinator.settings import RunSettings
 from vocab import records as K
 
 # A child of Flower's logger: shows up wherever Flower logs (SuperLink, simulation console).
 log = logging.getLogger("flwr.fedsight")
-Identify = Callable[[Grid, list[int]], dict[int, str]]
+# identify(grid, node_ids, taken site ids) -> {node_id: site_id}
+Identify = Callable[[Grid, list[int], set[str]], dict[int, str]]
 # hospital_node.client_app.NodeTaskError's text, wherever Flower wraps it ("<class ...>:<'...'>");
 # the one public message: an EHR schema mismatch (vocab.errors.EhrSchemaMismatch, labels id@hash8)
 _SCHEMA_LABEL = r"(?:[a-z0-9][a-z0-9._-]{0,63}@[0-9a-f]{8}|none)"
@@ -65,18 +69,23 @@ def _public_reason(msg: Message) -> str:
 class PerExpertFedAvg(FedAvg):
     """FedAvg + screening + per-expert aggregation; fills `journal` with one record per round."""
 
-    def setup(self, settings: RunSettings, identify: Identify | None = None,
-              round_offset: int = 0) -> None:
+    def setup(self, settings: RunSettings, run: RunState, identify: Identify | None = None
+              ) -> None:
         """Configure after construction (FedOpt/FedProx constructors do not forward extras).
 
-        identify(grid, node_ids) -> {node_id: site_id} is asked about nodes not seen before
-        (a data-statistics query); unnamed nodes are logged as node-<id>.
+        `run` is the run's state (its rounds completed so far become the round offset of a
+        resumed run; identified hospitals' statistics go into it). identify(grid, node_ids,
+        taken) -> {node_id: site_id} is asked about nodes not seen before (default: the
+        data-statistics query of coordinator.identify); unnamed nodes are logged as node-<id>.
         """
         self.settings = settings
-        self.identify = identify
+        self.run = run
+        self.identify: Identify = identify or (
+            lambda grid, ids, taken: identify_hospitals(grid, ids, settings, run.hospitals, taken))
         self.hospitals: dict[int, str] = {}  # node id -> site id
-        self.round_offset = round_offset  # rounds done before this (resumed) run
+        self.round_offset = run.rounds_completed  # rounds done before this (resumed) run
         self.journal: dict[int, RoundRecord] = {}
+        self._sent: list[Message] = []  # this phase's messages (ids set when the grid pushed)
         self._global: dict[str, np.ndarray] = {}
         self._kept_global: frozenset[str] = frozenset()  # experts left as they were this round
         self.min_train_nodes = min(self.min_train_nodes, settings.min_hospitals)
@@ -86,23 +95,34 @@ class PerExpertFedAvg(FedAvg):
         return self.hospitals.get(node_id, f"node-{node_id}")
 
     def _identify_new(self, grid: Grid, messages: list[Message]) -> None:
-        unknown = [m.metadata.dst_node_id for m in messages
-                   if m.metadata.dst_node_id not in self.hospitals]
-        if unknown and self.identify is not None:
-            self.hospitals.update(self.identify(grid, unknown))
+        current = [m.metadata.dst_node_id for m in messages]
+        unknown = [n for n in current if n not in self.hospitals]
+        if unknown:
+            taken = {self.hospitals[n] for n in current if n in self.hospitals}
+            self.hospitals.update(self.identify(grid, unknown, taken))
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply answers for. A failed reply (node lost, timed out) comes from the
+        SuperLink, so it is matched to the message it answers, never named by its source."""
+        sent = sent_to(self._sent)
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _round(self, server_round: int) -> RoundRecord:
         r = self.round_offset + server_round
         return self.journal.setdefault(r, RoundRecord(round=r, started=time.time()))
 
     def _stamp(self, rec: RoundRecord, grid: Grid, messages: list[Message],
-               arrays: ArrayRecord) -> list[Message]:
-        """Name the receiving hospitals, stamp the global round, count the bytes sent."""
+               arrays: ArrayRecord, train: bool) -> list[Message]:
+        """Name the receiving hospitals, stamp the global round, count the bytes sent, and keep
+        the messages: the grid gives them their ids when it pushes them (see _sender)."""
         self._identify_new(grid, messages)
         size = record_bytes(arrays)
         for m in messages:
             m.content[K.CONFIG][K.SERVER_ROUND] = rec.round
-            rec.hospital(self.name_of(m.metadata.dst_node_id)).bytes_down += size
+            h = rec.hospital(self.name_of(m.metadata.dst_node_id))
+            h.bytes_down += size
+            h.selected = h.selected or train
+        self._sent = messages
         return messages
 
     # ---- training ----
@@ -113,25 +133,22 @@ class PerExpertFedAvg(FedAvg):
         stage = 1 if self.round_offset + server_round <= self.settings.stage1_rounds else 2
         config[K.STAGE] = stage
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        return self._stamp(rec, grid, messages, arrays)
+        return self._stamp(rec, grid, messages, arrays, train=True)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rec = self._round(server_round)
         valid, failed = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         for msg in failed:
-            h = rec.hospital(self.name_of(msg.metadata.src_node_id))
-            h.accepted, h.reason = False, f"reply failed: {_public_reason(msg)}"
-            log.warning("round %d: hospital %s left out: %s", rec.round,
-                        self.name_of(msg.metadata.src_node_id), h.reason)
+            name = self.name_of(self._sender(msg))
+            self._set_outcome(rec, name, DROPPED, f"reply failed: {_public_reason(msg)}")
         updates: list[Update] = []
         for msg in valid:
-            name = self.name_of(msg.metadata.src_node_id)
+            name = self.name_of(self._sender(msg))
             h = rec.hospital(name)
             problem = self._reply_problem(msg)
             if problem:
-                h.accepted, h.reason = False, problem
-                log.warning("round %d: hospital %s rejected: %s", rec.round, name, problem)
+                self._set_outcome(rec, name, REJECTED, problem)
                 continue
             arrays = msg.content[K.ARRAYS]
             metrics = msg.content[K.METRICS]
@@ -141,14 +158,14 @@ class PerExpertFedAvg(FedAvg):
                        if k in K.TRAIN_METRIC_KEYS and k != K.NUM_EXAMPLES}
             updates.append(Update(name, to_numpy(arrays), h.num_examples,
                                   parse_expert_tokens(metrics)))
-        verdicts = screen_updates(updates, self._global, self.settings.screen_z,
-                                  self.settings.screen_ratio)
+        verdicts = screen_updates(updates, self._global, self.settings.screen_rule)
         for v in verdicts:
             h = rec.hospital(v.hospital)
-            h.accepted, h.reason, h.update_norm = v.accepted, v.reason, v.norm
-            if not v.accepted:
-                log.warning("round %d: hospital %s update left out: %s", rec.round, v.hospital,
-                            v.reason)
+            h.update_norm, h.cosine = v.norm, v.cosine
+            self._set_outcome(rec, v.hospital, ACCEPTED if v.accepted else REJECTED, v.reason)
+        for name, h in rec.hospitals.items():
+            if h.selected and not h.outcome:
+                self._set_outcome(rec, name, DROPPED, "no reply before the round timeout")
         accepted = [u for u, v in zip(updates, verdicts, strict=True) if v.accepted]
         if len(accepted) < self.settings.min_hospitals:
             rec.status = "too-few-hospitals"
@@ -156,7 +173,8 @@ class PerExpertFedAvg(FedAvg):
                         rec.round, len(accepted), self.settings.min_hospitals)
             return None, None
         per_expert = self.settings.aggregation == "per-expert"
-        new = aggregate(accepted, self._global, per_expert=per_expert)
+        new = aggregate(accepted, self._global, per_expert=per_expert,
+                        combine=combiner(self.settings.robust_rule))
         self._kept_global = unused_expert_keys(accepted, self._global) if per_expert \
             else frozenset()
         rec.status = "aggregated"
@@ -168,6 +186,13 @@ class PerExpertFedAvg(FedAvg):
         if finite:
             metrics[K.TRAIN_LOSS] = sum(v * w for v, w in finite) / sum(w for _, w in finite)
         return from_numpy(new), metrics
+
+    @staticmethod
+    def _set_outcome(rec: RoundRecord, name: str, outcome: str, reason: str) -> None:
+        h = rec.hospital(name)
+        h.outcome, h.reason = outcome, reason
+        if outcome != ACCEPTED:
+            log.warning("round %d: hospital %s %s: %s", rec.round, name, outcome, reason)
 
     def _reply_problem(self, msg: Message) -> str:
         content = msg.content
@@ -187,7 +212,7 @@ class PerExpertFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         rec = self._round(server_round)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        return self._stamp(rec, grid, messages, arrays)
+        return self._stamp(rec, grid, messages, arrays, train=False)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -196,7 +221,7 @@ class PerExpertFedAvg(FedAvg):
                                                     validate=False)
         for msg in failed:
             log.warning("round %d: hospital %s evaluation failed: %s", rec.round,
-                        self.name_of(msg.metadata.src_node_id), _public_reason(msg))
+                        self.name_of(self._sender(msg)), _public_reason(msg))
         per_hospital: dict[str, dict[str, float]] = {}
         for msg in valid:
             if K.METRICS not in msg.content.metric_records:
@@ -204,7 +229,7 @@ class PerExpertFedAvg(FedAvg):
             m = {k: float(v) for k, v in msg.content[K.METRICS].items()
                  if k in K.EVAL_METRIC_KEYS and not isinstance(v, list)}
             m.pop(K.NUM_EXAMPLES, None)
-            name = self.name_of(msg.metadata.src_node_id)
+            name = self.name_of(self._sender(msg))
             rec.hospital(name).eval = m
             per_hospital[name] = m
         rec.pooled = pooled_means(per_hospital, weight_key=K.N_EVAL)
@@ -238,8 +263,8 @@ class FedsightFedAdam(FedAdam, PerExpertFedAvg):
         return from_numpy(out), metrics
 
 
-def build_strategy(settings: RunSettings, identify: Identify | None = None,
-                   round_offset: int = 0) -> PerExpertFedAvg:
+def build_strategy(settings: RunSettings, run: RunState, identify: Identify | None = None
+                   ) -> PerExpertFedAvg:
     """The strategy named by `settings.strategy`, configured (unknown names are ConfigErrors
     raised by RunSettings already)."""
     common = dict(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
@@ -253,5 +278,5 @@ def build_strategy(settings: RunSettings, identify: Identify | None = None,
         strategy = FedsightFedAdam(eta=settings.server_lr, tau=settings.server_tau, **common)
     else:
         strategy = PerExpertFedAvg(**common)
-    strategy.setup(settings, identify, round_offset)
+    strategy.setup(settings, run, identify)
     return strategy

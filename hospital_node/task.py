@@ -70,9 +70,9 @@ class RoundConfig:
 
     server_round: int = 0
     stage: int = 2
-    local_epochs: int = 1
-    lr: float = 2e-3
-    batch_size: int = 16
+    local_epochs: int = K.DEFAULT_LOCAL_EPOCHS
+    lr: float = K.DEFAULT_LR
+    batch_size: int = K.DEFAULT_BATCH_SIZE
     model_json: str = "{}"
     train_json: str = "{}"
     seed: int = 0

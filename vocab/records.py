@@ -24,6 +24,11 @@ STAGE: Final = "stage"  # 1: encoders with own heads, 2: fused model
 LOCAL_EPOCHS: Final = "local-epochs"
 LR: Final = "lr"
 BATCH_SIZE: Final = "batch-size"
+# Their defaults, in one place: RunSettings (coordinator), RoundConfig (hospital) and
+# [tool.flwr.app.config] in pyproject.toml (which Flower reads; a test keeps it equal).
+DEFAULT_LOCAL_EPOCHS: Final = 2
+DEFAULT_LR: Final = 2e-3
+DEFAULT_BATCH_SIZE: Final = 16
 MODEL_JSON: Final = "model-json"  # ModelConfig as JSON (the architecture of the arrays sent)
 TRAIN_JSON: Final = "train-json"  # TrainConfig overrides as JSON
 SEED: Final = "seed"  # split seed + local training seed

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord
 
 from cli.main import main
 from coordinator.journal import HospitalRound, RoundRecord
+from coordinator.run_state import RunState
 from coordinator.runner import _round_end_hook
 from coordinator.settings import RunSettings
 from coordinator.store import AUDIT, ModelStore
@@ -48,14 +49,16 @@ def test_each_completed_round_is_one_entry(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     rec = RoundRecord(round=3, started=100.0, finished=130.0, status="too-few-hospitals")
     rec.hospitals = {
-        "h-north": HospitalRound(accepted=True, bytes_down=10, bytes_up=9),
-        "h-south": HospitalRound(accepted=False, reason="update norm 9.1 > 3.0 x median",
-                                 bytes_down=10, bytes_up=9),
-        "h-west": HospitalRound(bytes_down=10)}
+        "h-north": HospitalRound(selected=True, outcome="accepted", bytes_down=10, bytes_up=9),
+        "h-south": HospitalRound(selected=True, outcome="rejected",
+                                 reason="update norm 9.1 > 3.0 x median", bytes_down=10,
+                                 bytes_up=9),
+        "h-west": HospitalRound(selected=True, outcome="dropped",
+                                reason="no reply before the round timeout", bytes_down=10),
+        "h-east": HospitalRound(bytes_down=10)}  # asked to evaluate only
     rec.pooled = {"auc": 0.8, "loss": float("nan"), "n": 30.0}
     strategy = SimpleNamespace(journal={3: rec}, round_offset=2)
-    run = {"run_id": "run-1", "last_version": None, "versions": [], "rounds": [],
-           "rounds_completed": 2}
+    run = RunState("run-1", {}, num_rounds=4, rounds_completed=2)
     hook = _round_end_hook(store, strategy, RunSettings(), None, run)  # type: ignore[arg-type]
     hook(1, ArrayRecord())
     (event,) = read_events(tmp_path / AUDIT)
@@ -63,8 +66,16 @@ def test_each_completed_round_is_one_entry(tmp_path: Path) -> None:
     d = event.data
     assert (d["run_id"], d["round"], d["version"], d["seconds"]) == ("run-1", 3, None, 30.0)
     assert d["selected"] == ["h-north", "h-south", "h-west"]
-    assert d["accepted"] == ["h-north"] and d["no_update"] == ["h-west"]
+    assert d["accepted"] == ["h-north"]
+    assert d["dropped"] == {"h-west": "no reply before the round timeout"}
     assert d["rejected"] == {"h-south": "update norm 9.1 > 3.0 x median"}
+    # The run record (what `coordinator run` and the chaos test read) names every selected one.
+    (stored,) = store.list_runs()
+    assert stored["rounds_completed"] == 3
+    assert stored["rounds"][0]["hospitals"] == {
+        "h-north": {"outcome": "accepted", "reason": ""},
+        "h-south": {"outcome": "rejected", "reason": "update norm 9.1 > 3.0 x median"},
+        "h-west": {"outcome": "dropped", "reason": "no reply before the round timeout"}}
     assert d["bytes"]["h-south"] == {"down": 10, "up": 9}
     assert d["pooled"] == {"auc": 0.8, "loss": None, "n": 30.0}
 
@@ -96,4 +107,6 @@ def test_runs_are_audited_started_finished_failed(tmp_path: Path,
             started["resumed"]) == (outcome.run_id, 7, 2, False)
     assert events[1].data["run_id"] == outcome.run_id
     assert events[3].data["error"] == "RuntimeError"
+    failed = [r for r in ModelStore(tmp_path).list_runs() if 8 in r["flwr_run_ids"]]
+    assert failed[0]["status"] == "failed" and failed[0]["ended_reason"] == "RuntimeError"
     assert "a-c0001" not in (tmp_path / AUDIT).read_text()  # error text is not logged

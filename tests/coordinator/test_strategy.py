@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from coordinator.run_state import RunState
 from coordinator.settings import RunSettings
 from coordinator.strategy import PerExpertFedAvg, build_strategy, from_numpy, to_numpy
 from vocab import records as K
@@ -21,12 +23,21 @@ E = "blocks.0.moe.experts"
 NODES = {101: "a", 102: "b", 103: "c", 104: "d", 105: "e"}
 
 
+SUPERLINK = 1  # Flower's SuperLink node id: the source of a reply it makes for a lost node
+
+
 class FakeGrid:
     def __init__(self, nodes: list[int]) -> None:
         self.nodes = nodes
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
+
+
+def push(messages: list[Message]) -> None:
+    """What every Flower grid does to the messages it pushes: give each its id."""
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
 
 
 @pytest.fixture(autouse=True)
@@ -58,24 +69,34 @@ def reply(to: Message, state: dict[str, np.ndarray], n: int, tokens: tuple[float
     metrics = MetricRecord({K.NUM_EXAMPLES: n, K.TRAIN_LOSS: loss, K.TRAIN_SECONDS: 1.0,
                             f"{K.EXPERT_TOKENS_PREFIX}.0.0": tokens[0],
                             f"{K.EXPERT_TOKENS_PREFIX}.0.1": tokens[1]})
-    return Message(content=RecordDict({K.ARRAYS: from_numpy(state), K.METRICS: metrics}),
-                   reply_to=to)
+    out = Message(content=RecordDict({K.ARRAYS: from_numpy(state), K.METRICS: metrics}),
+                  reply_to=to)
+    out.metadata.__dict__["_reply_to_message_id"] = to.metadata.message_id
+    return out
 
 
-def failed(to: Message) -> Message:
-    return Message(error=Error(code=0, reason="Exception('fedsight-node: train failed "
-                               "(ValueError)')"), reply_to=to)
+def failed(to: Message, reason: str = "Exception('fedsight-node: train failed (ValueError)')",
+           from_superlink: bool = False) -> Message:
+    """A failed reply: from the node itself, or (node lost) made by the SuperLink, whose own id
+    is then the source - only the message it answers says which hospital it was for."""
+    out = Message(error=Error(code=0, reason=reason), reply_to=to)
+    out.metadata.__dict__["_reply_to_message_id"] = to.metadata.message_id
+    if from_superlink:
+        out.metadata.__dict__["_src_node_id"] = SUPERLINK
+    return out
 
 
 def strategy(nodes: list[int], **run: object) -> PerExpertFedAvg:
     settings = RunSettings.from_run_config({"min-hospitals": 2, **run})
-    return build_strategy(settings, identify=lambda grid, ids: {i: NODES[i] for i in ids})
+    return build_strategy(settings, RunState("r", {}, 3),
+                          identify=lambda grid, ids, taken: {i: NODES[i] for i in ids})
 
 
 def configure(s: PerExpertFedAvg, g: dict[str, np.ndarray], nodes: list[int],
               server_round: int = 1) -> dict[str, Message]:
-    msgs = s.configure_train(server_round, from_numpy(g), ConfigRecord({K.LR: 0.01}),
-                             FakeGrid(nodes))
+    msgs = list(s.configure_train(server_round, from_numpy(g), ConfigRecord({K.LR: 0.01}),
+                                  FakeGrid(nodes)))
+    push(msgs)
     return {NODES[m.metadata.dst_node_id]: m for m in msgs}
 
 
@@ -125,13 +146,14 @@ def test_round_merges_the_others_when_one_fails_and_one_is_an_outlier(
 
     rec = s.journal[1]
     assert rec.status == "aggregated"
-    assert [h for h, r in sorted(rec.hospitals.items()) if r.accepted] == ["a", "b", "c"]
+    assert {h: r.outcome for h, r in rec.hospitals.items()} == {
+        "a": "accepted", "b": "accepted", "c": "accepted", "d": "rejected", "e": "dropped"}
     assert "outlier" in rec.hospitals["d"].reason
     assert rec.hospitals["e"].reason == "reply failed: fedsight-node: train failed (ValueError)"
     wire = sum(len(Array(v).data) for v in g.values())  # serialised arrays, headers included
     assert rec.hospitals["a"].bytes_down == wire > sum(v.nbytes for v in g.values())
     logged = caplog.text
-    assert "hospital d update left out" in logged and "hospital e left out" in logged
+    assert "hospital d rejected" in logged and "hospital e dropped" in logged
 
 
 def test_min_hospitals_keeps_the_global_model() -> None:
@@ -220,8 +242,8 @@ def test_resumed_strategy_numbers_rounds_after_the_offset() -> None:
     g = global_state()
     nodes = [101, 102]
     settings = RunSettings.from_run_config({"min-hospitals": 2, "stage1-rounds": 1})
-    s = build_strategy(settings, identify=lambda grid, ids: {i: NODES[i] for i in ids},
-                       round_offset=2)
+    s = build_strategy(settings, RunState("r", {}, 4, rounds_completed=2),
+                       identify=lambda grid, ids, taken: {i: NODES[i] for i in ids})
     msgs = configure(s, g, nodes, server_round=1)
     assert {m.content[K.CONFIG][K.SERVER_ROUND] for m in msgs.values()} == {3}
     assert {m.content[K.CONFIG][K.STAGE] for m in msgs.values()} == {2}
