@@ -94,6 +94,7 @@ class InProcessGrid:
         from flwr.app import Context, RecordDict
 
         self.sites, self.attack, self.flipped = sites, attack, flipped
+        self.dump: Path | None = None
         self.rng = np.random.default_rng(seed)
         self.contexts = {i + 10: Context(1, i + 10, {"data-dir": str(s),
                                                      "cache-dir": str(cache / s.name)},
@@ -125,18 +126,26 @@ class InProcessGrid:
                 reply = Message(error=Error(code=0, reason=str(e)), reply_to=msg)
             finally:
                 ctx.node_config["data-dir"] = str(self.sites[node - 10])
-            if attacker and kind == "train" and not reply.has_error():
+            if kind == "train" and not reply.has_error():
                 from coordinator.strategy import from_numpy, to_numpy
 
                 glob = to_numpy(msg.content["arrays"])
                 local = to_numpy(reply.content["arrays"])
-                reply.content["arrays"] = from_numpy(poison(self.attack, local, glob, self.rng))
+                if attacker:
+                    local = poison(self.attack, local, glob, self.rng)
+                    reply.content["arrays"] = from_numpy(local)
+                if self.dump is not None:  # updates for offline analysis of screening rules
+                    rnd = int(msg.content["config"]["server-round"])
+                    np.savez(self.dump / f"r{rnd}-{self.sites[node - 10].name}.npz",
+                             **{k: (v.astype(np.float32) - glob[k].astype(np.float32))
+                                for k, v in local.items()
+                                if np.issubdtype(v.dtype, np.floating)})
             replies.append(reply)
         return replies
 
 
 def one_run(fed: Path, work: Path, attack: str, robust: str, rounds: int, epochs: int,
-            seed: int, min_cosine: float | None) -> dict[str, Any]:
+            seed: int, min_cosine: float | None, dump: bool = False) -> dict[str, Any]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from coordinator.runner import run_federated
@@ -155,6 +164,9 @@ def one_run(fed: Path, work: Path, attack: str, robust: str, rounds: int, epochs
     if min_cosine is not None:
         cfg["screen-min-cosine"] = min_cosine
     grid = InProcessGrid(sites, work / "cache", attack, flipped, seed)
+    if dump:
+        grid.dump = work / f"updates-{attack}-{robust}"
+        grid.dump.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     run_federated(grid, RunSettings.from_run_config(cfg))  # type: ignore[arg-type]
     seconds = time.monotonic() - t0
@@ -191,6 +203,8 @@ def main() -> int:
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--robust", default="none")
     ap.add_argument("--min-cosine", type=float, default=None)
+    ap.add_argument("--dump-updates", action="store_true",
+                    help="save every round's updates (local - global) as .npz under --out")
     args = ap.parse_args()
     from synth.config import SynthConfig
     from synth.federation import generate
@@ -206,7 +220,7 @@ def main() -> int:
             clean_auc = None
             for attack in args.attacks.split(","):
                 r = one_run(fed, work, attack, robust, args.rounds, args.epochs, seed,
-                            args.min_cosine)
+                            args.min_cosine, args.dump_updates)
                 r["seed"] = seed
                 if attack == "clean":
                     clean_auc = r["auc"]

@@ -7,13 +7,14 @@ Checks, cheapest first, on plain numpy state dicts (no Flower types):
    x the median norm (the ratio guard keeps three honest hospitals with a tiny MAD apart);
 3. no-op: an update below `free_ratio` x the median norm of the others changed nothing that
    matters: a free-rider sending the global model back (it would dilute the average for free);
-4. direction: the cosine between the hospital's update (local - global) and the coordinate-wise
-   median of the other hospitals' updates (Yin et al., ICML 2018: a median is not moved by one
-   attacker), among the updates that passed 1-3, over
-   the parameters every hospital trains and, per routed expert, among the hospitals that routed
-   tokens to it. Below `min_cosine` the update points away from the federation: a sign-flipped,
-   label-flipped or random update. Size alone cannot see this: a hospital without pathology
-   has a naturally small norm, so its sign-flipped update x10 still looked ordinary.
+4. direction (direction_scores): layer by layer, the cosine between the hospital's update
+   (local - global) and the coordinate-wise median of the other hospitals' updates (Yin et al.,
+   ICML 2018: a median is not moved by one attacker), averaged with each layer's consensus as
+   weight; routed experts among the hospitals that used them. Below `min_cosine` the update
+   does not go the federation's way: sign-flipped, random, partly label-flipped. Size alone
+   cannot see this: a hospital without pathology has a naturally small norm, so its
+   sign-flipped update x10 still looked ordinary. Honest hospitals with unusual data can score
+   low too (measured in docs/benchmarks.md): such a round leaves them out, with the reason.
 
 Checks 2-4 need at least three finite updates (with two there is no majority to compare with).
 Reasons hold numbers and parameter names only: they go to the store and the audit log.
@@ -37,7 +38,7 @@ class ScreenRule:
     z_max: float = 3.5
     ratio_max: float = 3.0
     free_ratio: float = 0.01
-    min_cosine: float = 0.0
+    min_cosine: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -120,35 +121,38 @@ def _cosines_to_median(deltas: np.ndarray) -> np.ndarray:
 
 
 def direction_scores(updates: Sequence[Update], global_state: State) -> dict[str, float]:
-    """Per hospital: min(cosine over the shared parameters, token-weighted mean of its per-expert
-    cosines where >= 3 hospitals used the expert). Needs >= 3 updates (else empty)."""
-    if len(updates) < 3:
-        return {}
-    floating = [k for k, g in global_state.items() if np.issubdtype(g.dtype, np.floating)]
-    shared = [k for k in floating if expert_of(k) is None]
-    scores = {u.hospital: 1.0 for u in updates}
-    if shared:
-        for u, c in zip(updates, _cosines_to_median(_deltas(updates, global_state, shared)),
-                        strict=True):
-            scores[u.hospital] = float(c)
-    by_expert: dict[tuple[int, int], list[str]] = {}
-    for k in floating:
-        e = expert_of(k)
-        if e is not None:
-            by_expert.setdefault(e, []).append(k)
-    weighted: dict[str, list[tuple[float, float]]] = {u.hospital: [] for u in updates}
-    for e, keys in by_expert.items():
-        users = [u for u in updates if u.expert_tokens.get(e, 0.0) > 0]
-        if len(users) < 3:
+    """Per hospital: how far its update agrees with the federation where the federation agrees.
+
+    Layer by layer (parameters grouped by module: the name without its last component), among
+    the hospitals that changed the layer (for a routed expert: that routed tokens to it), each
+    hospital's cosine to the coordinate-wise median of the others; a layer counts with weight
+    max(0, median of those cosines), its consensus. The score is the consensus-weighted mean of
+    a hospital's cosines: near 1 agreeing, near 0 unrelated (a random direction), negative
+    opposed. Layers where fewer than three hospitals take part, or that have no consensus, do
+    not count; a hospital with no counted layer gets no score (no verdict).
+    """
+    layers: dict[str, list[str]] = {}
+    for k, g in global_state.items():
+        if np.issubdtype(g.dtype, np.floating):
+            layers.setdefault(k.rsplit(".", 1)[0], []).append(k)
+    num = {u.hospital: 0.0 for u in updates}
+    den = dict(num)
+    for keys in layers.values():
+        e = expert_of(keys[0])
+        members = [u for u in updates if e is None or u.expert_tokens.get(e, 0.0) > 0]
+        if len(members) < 3:
             continue
-        for u, c in zip(users, _cosines_to_median(_deltas(users, global_state, keys)),
-                        strict=True):
-            weighted[u.hospital].append((float(c), u.expert_tokens[e]))
-    for h, pairs in weighted.items():
-        total = sum(w for _, w in pairs)
-        if total > 0:
-            scores[h] = min(scores[h], sum(c * w for c, w in pairs) / total)
-    return scores
+        deltas = _deltas(members, global_state, keys)
+        moved = np.linalg.norm(deltas, axis=1) > 0  # a hospital that did not train the layer
+        if int(moved.sum()) < 3:
+            continue
+        members = [u for u, m in zip(members, moved, strict=True) if m]
+        cos = _cosines_to_median(deltas[moved])
+        weight = max(0.0, float(np.median(cos)))
+        for u, c in zip(members, cos, strict=True):
+            num[u.hospital] += weight * float(c)
+            den[u.hospital] += weight
+    return {h: num[h] / den[h] for h in num if den[h] > 0}
 
 
 def screen_updates(updates: Sequence[Update], global_state: State,
@@ -178,8 +182,9 @@ def screen_updates(updates: Sequence[Update], global_state: State,
         for h, c in cosines.items():
             if h not in verdicts and c < rule.min_cosine:
                 verdicts[h] = Verdict(h, False, norms[h], (
-                    f"update points away from the federation: cosine {c:.3f} to the "
-                    f"coordinate-wise median update < {rule.min_cosine:g}"), c)
+                    f"update does not go the federation's way: direction score {c:.3f} "
+                    f"(consensus-weighted cosine to the others' median update) < "
+                    f"{rule.min_cosine:g}"), c)
     for h, n in norms.items():
         verdicts.setdefault(h, Verdict(h, True, n, "", cosines.get(h, math.nan)))
     return [verdicts[u.hospital] for u in updates]

@@ -48,7 +48,7 @@ class RunSettings:
     # sent back unchanged); one whose cosine to the coordinate-wise median update is under
     # screen_min_cosine points away from the federation (coordinator.screening).
     screen_free_ratio: float = 0.01
-    screen_min_cosine: float = 0.0
+    screen_min_cosine: float = 0.1
     # Merge rule per parameter group after screening (coordinator.robust): "none" = weighted
     # mean; Flower's median, trimmed-mean (robust-beta cut at each end), krum or multikrum
     # (robust-byzantine attackers assumed).

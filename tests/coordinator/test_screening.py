@@ -83,7 +83,7 @@ def test_sign_flipped_x10_small_hospital_passes_size_but_not_direction() -> None
     assert all(v.accepted for v in size_only.values())  # what screening did before
     by = {v.hospital: v for v in screen_updates(ups, g)}
     assert [h for h, v in by.items() if not v.accepted] == ["small"]
-    assert "points away from the federation" in by["small"].reason
+    assert "does not go the federation's way" in by["small"].reason
     assert by["small"].cosine < -0.3 and min(by[h].cosine for h in "abc") > 0.3
 
 
@@ -118,17 +118,30 @@ def test_random_update_of_honest_size_is_flagged() -> None:
 
 
 def test_an_attack_on_one_expert_only_is_seen_per_expert() -> None:
-    """Shared parameters honest, the expert's parameters flipped: the per-expert cosine (among
-    the hospitals that routed tokens to it) catches what the shared one cannot."""
+    """Shared parameters honest, the expert's parameters flipped: the expert layer, judged among
+    the hospitals that routed tokens to it, pulls the attacker's score down; with fewer than
+    three users that expert is not judged at all."""
     g, hs = federation()
+    honest = direction_scores([Update(h, st, 10, TOKENS) for h, st in hs.items()], g)
     key = f"{E}.0.fc1.weight"
     hs["b"][key] = (g[key] - 3 * (hs["b"][key] - g[key])).astype(np.float32)
     ups = [Update(h, st, 10, TOKENS) for h, st in hs.items()]
     scores = direction_scores(ups, g)
-    assert scores["b"] < 0 < min(scores[h] for h in ("a", "c", "small"))
-    # with fewer than three users of the expert there is no per-expert verdict
+    assert scores["b"] < honest["b"] - 0.2
+    assert scores["b"] < min(scores[h] for h in ("a", "c", "small")) - 0.2
     few = [Update(u.hospital, u.state, 10, TOKENS if u.hospital in "ab" else {}) for u in ups]
-    assert direction_scores(few, g)["b"] > 0
+    few_honest = [Update(h, st, 10, TOKENS if h in "ab" else {})
+                  for h, st in federation()[1].items()]
+    assert direction_scores(few, g)["b"] == pytest.approx(direction_scores(few_honest, g)["b"])
+
+
+def test_a_hospital_that_did_not_train_a_layer_is_not_judged_on_it() -> None:
+    """A hospital without pathology leaves the pathology encoder unchanged: that layer must not
+    count against it (it would read as 'unrelated direction')."""
+    g, hs = federation()
+    hs["small"]["enc.weight"] = g["enc.weight"].copy()
+    scores = direction_scores([Update(h, st, 10, TOKENS) for h, st in hs.items()], g)
+    assert scores["small"] > 0.3  # judged on the expert layer it did train
 
 
 def test_direction_needs_three_updates() -> None:
