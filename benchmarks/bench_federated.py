@@ -111,8 +111,9 @@ def federated(fed: Path, work: Path, model_json: str, rounds: int, epochs: int,
               aggregation: str, seed: int, runtime: str = "simulation") -> dict[str, Any]:
     import time
 
-    from coordinator.launch import local_deployment, simulate, submit_run, wait_run
     from coordinator.store import ModelStore
+    from ops.cluster import local_deployment, simulate
+    from ops.flwr_cli import submit_run, wait_run
 
     tag = f"{runtime}-{aggregation}"
     store = work / f"store-{tag}"

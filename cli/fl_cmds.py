@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cli.round_summary import fmt_metrics, print_round, print_run_rounds
+
 DEFAULT_HOME = Path(".fedsight")  # coordinator state: SuperLink db, FLWR_HOME, schedule
 
 
@@ -109,33 +111,32 @@ def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
 
 
 def _node_start(args: argparse.Namespace) -> int:
-    from hospital_node.agent import NodeStart, start
+    from ops.node_agent import NodeStart, start
 
-    start(NodeStart(args.data, args.coordinator, args.tls, args.site_id, args.cache_dir,
-                    args.port, worker=not args.no_worker, auth_key=args.auth_key))
-    return 0  # not reached: start() execs flower-supernode
+    return start(NodeStart(args.data, args.coordinator, args.tls, args.site_id, args.cache_dir,
+                           args.port, worker=not args.no_worker, auth_key=args.auth_key))
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:
-    from coordinator.launch import TlsFiles, process_env, superlink_command
+    from ops.keys import TlsFiles
+    from ops.processes import source_env
+    from ops.superlink import SuperLinkConfig, database_path, superlink_command
 
-    tls = None
-    if args.tls_dir is not None:
-        d = args.tls_dir
-        tls = TlsFiles(d / "ca.crt", d / "server.pem", d / "server.key")
+    tls = TlsFiles.in_dir(args.tls_dir) if args.tls_dir is not None else None
     args.home.mkdir(parents=True, exist_ok=True)
-    database = None if args.database == "memory" else \
-        Path(args.database) if args.database else args.home / "superlink.db"
-    cmd = superlink_command(args.host, args.port, database, tls, node_auth=args.node_auth)
+    database = database_path(args.home, args.database)
+    cmd = superlink_command(SuperLinkConfig(args.host, args.port, database, tls,
+                                            node_auth=args.node_auth))
     print(f"[coordinator] SuperLink on {args.host}:{args.port} "
           f"({'TLS' if tls else 'INSECURE'}{', registered nodes only' if args.node_auth else ''})"
-          f", state {args.home}", flush=True)
-    os.execve(cmd[0], cmd, process_env())
+          f", state {database or 'in memory'}", flush=True)
+    os.execve(cmd[0], cmd, source_env())
     return 0
 
 
 def _coordinator_register_node(args: argparse.Namespace) -> int:
-    from coordinator.launch import check_node_public_key, register_node, write_connection
+    from ops.flwr_cli import register_node, write_connection
+    from ops.keys import check_node_public_key
 
     check_node_public_key(args.public_key)  # before touching HOME
     flwr_home = args.home.resolve() / "flwr"
@@ -161,9 +162,10 @@ def _parse_kv(items: list[str]) -> dict[str, Any]:
 
 
 def _coordinator_run(args: argparse.Namespace) -> int:
-    from coordinator.launch import app_dir, run_log, submit_run, wait_run, write_connection
     from coordinator.settings import RunSettings
     from coordinator.store import ModelStore
+    from ops.flwr_cli import app_dir, run_log, write_connection
+    from ops.runs import RunRequest, run_and_wait
 
     home = args.home.resolve()
     store = (args.store or home / "store").resolve()
@@ -176,15 +178,21 @@ def _coordinator_run(args: argparse.Namespace) -> int:
     flwr_home = home / "flwr"
     write_connection(flwr_home, args.coordinator, args.tls)
     before = {v.id for v in ModelStore(store).list_versions()}
-    run_id = submit_run(args.app or app_dir(), flwr_home, overrides)
-    print(f"[coordinator] run {run_id} submitted; waiting", flush=True)
-    status = wait_run(flwr_home, run_id, args.timeout)
+    resumed = ModelStore(store).latest_unfinished_run() if args.resume else None
+    done_before = int(resumed["rounds_completed"]) if resumed else 0
+    run_id, status = run_and_wait(
+        RunRequest(args.app or app_dir(), flwr_home, store, overrides, args.timeout,
+                   resume=args.resume),
+        say=lambda line: print(f"[coordinator] {line}", flush=True))
     log_file = home / "logs" / f"run-{run_id}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(run_log(flwr_home, run_id))
-    new = [v for v in ModelStore(store).list_versions() if v.id not in before]
-    for v in new:
-        print_round(v.meta, "[coordinator]")
+    # Every round this Flower run did, with every selected hospital named and its outcome
+    # (also rounds that stored no version).
+    metas = {v.id: v.meta for v in ModelStore(store).list_versions() if v.id not in before}
+    stored = ModelStore(store).run_with_flwr_id(run_id)
+    if stored is not None:
+        print_run_rounds(stored, metas, "[coordinator]", after_round=done_before)
     print(f"[coordinator] run {run_id}: {status} (ServerApp log: {log_file})")
     return 0 if status == "finished:completed" else 1
 
@@ -192,8 +200,8 @@ def _coordinator_run(args: argparse.Namespace) -> int:
 def _coordinator_schedule(args: argparse.Namespace) -> int:
     import subprocess
 
-    from coordinator.launch import process_env
-    from coordinator.schedule import DEFAULT_RULE, CronRule, Scheduler
+    from ops.processes import process_env
+    from ops.schedule import DEFAULT_RULE, CronRule, Scheduler
 
     rule = CronRule.parse(args.rule or DEFAULT_RULE)
     run_args = [a for a in args.run_args if a != "--"]
@@ -216,28 +224,6 @@ def _coordinator_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_round(meta: dict[str, Any], prefix: str = "[demo]") -> None:
-    """One stored round: version, time, then each hospital's held-out metrics and screening."""
-    print(f"{prefix} round {meta['round']}: version {meta['id']} in "
-          f"{meta.get('round_seconds') or 0:.0f} s, pooled "
-          f"{_fmt(meta['metrics'].get('pooled', {}))}")
-    screening = meta.get("screening", {})
-    for site, m in sorted(meta["metrics"].get("hospitals", {}).items()):
-        s = screening.get(site, {})
-        update = "update merged" if s.get("accepted") else \
-            f"update left out: {s.get('reason') or 'no reply'}"
-        print(f"{prefix}   {site:<12} {_fmt(m)}  ({update})")
-
-
-def _fmt(metrics: dict[str, Any]) -> str:
-    def one(v: Any) -> str:
-        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
-            return str(int(v))  # counts (n, num-examples)
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    return " ".join(f"{k}={one(v)}" for k, v in sorted(metrics.items()) if v is not None)
-
-
 def _models_list(args: argparse.Namespace) -> int:
     from coordinator.store import ModelStore
 
@@ -252,7 +238,7 @@ def _models_list(args: argparse.Namespace) -> int:
         m = v.meta
         print(f"{mark} {v.id}  run {m.get('run_id')}  round {m.get('round')}  "
               f"{m.get('strategy')}/{m.get('aggregation')}  "
-              f"{_fmt(m.get('metrics', {}).get('pooled', {}))}")
+              f"{fmt_metrics(m.get('metrics', {}).get('pooled', {}))}")
     print("(* = clinical)")
     return 0
 
@@ -284,8 +270,8 @@ def _models_rollback(args: argparse.Namespace) -> int:
 def demo_rounds(out: Path, fed: Path, rounds: int, n_sites: int) -> None:
     """Federated rounds of the demo on Flower's simulation runtime (one virtual SuperNode per
     synthetic hospital), every round stored in <out>/store, the best final version promoted."""
-    from coordinator.launch import simulate
     from coordinator.store import ModelStore, StoreError
+    from ops.cluster import simulate
 
     store_dir = (out / "store").resolve()
     run_config = {"num-rounds": rounds, "federation-dir": str(fed.resolve()),

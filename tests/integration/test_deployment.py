@@ -1,6 +1,6 @@
 """Deployment runtime for real: one flower-superlink and three flower-supernode processes on
 127.0.0.1 (started through `fedsight coordinator start` / `fedsight node start` by
-coordinator.launch.local_deployment), two rounds on three small synthetic hospitals via
+ops.cluster.local_deployment), two rounds on three small synthetic hospitals via
 `fedsight coordinator run`; the store must hold the new versions with per-hospital metrics.
 Every process group is stopped on the way out, pass or fail."""
 
@@ -32,8 +32,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_two_rounds_on_superlink_and_three_supernodes(federation: Path, tmp_path: Path) -> None:
-    from coordinator.launch import fedsight_command, local_deployment, process_env
     from coordinator.store import ModelStore
+    from ops.cluster import local_deployment
+    from ops.processes import fedsight_command, process_env
 
     home = tmp_path / "coord"
     sites = sorted(p for p in federation.iterdir() if p.is_dir() and p.name != "_truth")
@@ -74,7 +75,7 @@ def test_two_rounds_on_superlink_and_three_supernodes(federation: Path, tmp_path
     local += [p.name for s in sites for p in s.rglob("*") if p.is_file()]
     assert not [x for x in local if x in server_log]
     # Nothing left running: no process of ours still names the SuperLink's port.
-    from coordinator.launch import pids_talking_to
+    from ops.processes import pids_talking_to
 
     assert pids_talking_to(port) == []
 

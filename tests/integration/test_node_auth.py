@@ -26,16 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from cli.main import main as fedsight_main
-from coordinator.launch import (
-    TlsFiles,
-    check_node_public_key,
-    free_port,
-    pids_talking_to,
-    process_env,
-    stop_group,
-    superlink_command,
-    wait_listening,
-)
+from ops.keys import TlsFiles, check_node_public_key
+from ops.processes import free_port, pids_talking_to, process_env, stop_group, wait_listening
+from ops.superlink import SuperLinkConfig, superlink_command
 from tests.key_errors import assert_key_errors
 from vocab.errors import ConfigError
 
@@ -97,12 +90,13 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 # ---- commands and key files, no processes ----------------------------------------------------
 
 def test_superlink_command_enables_node_auth_only_with_tls(tls: Path) -> None:
-    files = TlsFiles(tls / "ca.crt", tls / "server.pem", tls / "server.key")
-    cmd = superlink_command("127.0.0.1", 9092, None, files, node_auth=True)
+    files = TlsFiles.in_dir(tls)
+    cmd = superlink_command(SuperLinkConfig("127.0.0.1", 9092, None, files, node_auth=True))
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
-    assert "--enable-supernode-auth" not in superlink_command("127.0.0.1", 9092, None, files)
+    assert "--enable-supernode-auth" not in superlink_command(
+        SuperLinkConfig("127.0.0.1", 9092, None, files))
     with pytest.raises(ConfigError, match="--node-auth needs --tls-dir"):
-        superlink_command("127.0.0.1", 9092, None, None, node_auth=True)
+        superlink_command(SuperLinkConfig("127.0.0.1", 9092, None, None, node_auth=True))
 
 
 def test_coordinator_start_node_auth_without_tls_is_a_clear_error(
@@ -227,8 +221,14 @@ def test_registered_node_joins_and_unregistered_node_is_refused(tls: Path, site:
         node("hosp1", good_key, "--no-worker")
         node("stranger", stranger_key)
         # Refused: flower-supernode logs Flower's exit code 305 and exits with status 1 (its
-        # flwr_exit maps every error code to 1); `node start` execs it, so that status is ours.
-        assert procs[2].wait(timeout=120) != 0, logs["stranger"].read_text()[-2000:]
+        # flwr_exit maps every error code to 1); the agent restarts it with backoff (305 is
+        # also what an unreachable SuperLink gives), and it stays refused.
+        end = time.monotonic() + 120
+        while "restart 1 in" not in logs["stranger"].read_text() and time.monotonic() < end:
+            assert procs[2].poll() is None, logs["stranger"].read_text()[-2000:]
+            time.sleep(0.5)
+        assert "SuperNode site_a exited with code 1" in logs["stranger"].read_text(), \
+            logs["stranger"].read_text()[-2000:]
         assert "Exit Code: 305" in logs["stranger"].read_text(), logs["stranger"].read_text()
         online: list = []
         end = time.monotonic() + 120
@@ -237,7 +237,9 @@ def test_registered_node_joins_and_unregistered_node_is_refused(tls: Path, site:
             online = _online_nodes(home / "flwr")
             time.sleep(1)
         assert [n["node-id"] for n in online] == [node_id], logs["hosp1"].read_text()[-2000:]
-        # The refused node's task worker removed its socket folder when the SuperNode exited.
+        # Stopping the refused node's agent stops its task worker, which removes its folder.
+        procs[2].send_signal(signal.SIGTERM)
+        assert procs[2].wait(timeout=30) == 0, logs["stranger"].read_text()[-2000:]
         end = time.monotonic() + 15
         while list(worker_tmp.glob("fedsight-node-*")) and time.monotonic() < end:
             time.sleep(0.2)

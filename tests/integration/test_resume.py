@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.launch import process_env, simulation_superlink
 from coordinator.store import ModelStore
+from ops.cluster import simulation_superlink
+from ops.processes import process_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from cli.main import main as fedsight_main
-from coordinator.launch import free_port, process_env, stop_group, wait_listening, write_connection
+from ops.flwr_cli import write_connection
+from ops.processes import free_port, process_env, stop_group, wait_listening
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,8 +1,9 @@
-"""Monthly rounds: a cron-like rule, a run history, and a lock so two runs never overlap.
+"""Monthly rounds: a cron rule (croniter), a run history, and a lock so two runs never overlap.
 
+Operators use the systemd timer (deploy/systemd/fedsight-schedule.timer) which calls
+`fedsight coordinator schedule --once`; `run_forever` is for hosts without systemd.
 `Scheduler.tick()` starts the job when the rule has come due since the last recorded start and
-returns what it did; `run_forever` ticks and sleeps. Clock, sleep and job are injected, so tests
-drive months of schedule in milliseconds.
+returns what it did. Clock, sleep and job are injected, so tests drive months in milliseconds.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from croniter import croniter
+from croniter.croniter import CroniterError
 
 from vocab.errors import ConfigError, FedsightError
 
 DEFAULT_RULE = "0 2 1 * *"  # 02:00 on the 1st of every month
-_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12),
-           ("weekday", 0, 6))
 
 
 class ScheduleBusy(FedsightError):
@@ -29,78 +31,25 @@ class ScheduleBusy(FedsightError):
 
 @dataclass(frozen=True)
 class CronRule:
-    """minute hour day-of-month month day-of-week; each field `*`, `N`, `A-B`, `*/S`, `A-B/S`
-    or a comma list of those. Day-of-week 0 = Sunday. As in cron, when both day fields are
-    restricted a time matches either."""
+    """A 5-field cron rule (minute hour day-of-month month day-of-week) with cron's semantics,
+    as croniter implements them (when both day fields are restricted a time matches either)."""
 
     text: str
-    sets: tuple[frozenset[int], ...]
-    day_any: bool
-    weekday_any: bool
 
     @classmethod
     def parse(cls, text: str) -> CronRule:
-        parts = text.split()
-        if len(parts) != 5:
+        if len(text.split()) != 5:  # croniter also takes 6-7 fields (seconds, years)
             raise ConfigError(f"cron rule needs 5 fields (minute hour day month weekday), "
                               f"got {text!r}")
-        sets = tuple(_parse_field(p, name, lo, hi)
-                     for p, (name, lo, hi) in zip(parts, _FIELDS, strict=True))
-        return cls(text, sets, parts[2] == "*", parts[4] == "*")
-
-    def matches(self, t: datetime) -> bool:
-        minute, hour, day, month, weekday = self.sets
-        if t.minute not in minute or t.hour not in hour or t.month not in month:
-            return False
-        dom, dow = t.day in day, (t.isoweekday() % 7) in weekday
-        if self.day_any or self.weekday_any:
-            return dom and dow
-        return dom or dow
+        try:
+            croniter(text, datetime(2000, 1, 1)).get_next(datetime)
+        except (CroniterError, ValueError, KeyError) as e:
+            raise ConfigError(f"cron rule {text!r} is not valid: {e}") from None
+        return cls(text)
 
     def next_after(self, t: datetime) -> datetime:
-        """First matching minute strictly after t (searches up to 5 years)."""
-        cand = t.replace(second=0, microsecond=0) + timedelta(minutes=1)
-        end = cand + timedelta(days=366 * 5)
-        while cand < end:
-            if cand.month not in self.sets[3]:
-                cand = (cand.replace(day=1, hour=0, minute=0) + timedelta(days=32)).replace(day=1)
-                continue
-            if not self._day_ok(cand):
-                cand = cand.replace(hour=0, minute=0) + timedelta(days=1)
-                continue
-            if cand.hour not in self.sets[1]:
-                cand = cand.replace(minute=0) + timedelta(hours=1)
-                continue
-            if cand.minute in self.sets[0]:
-                return cand
-            cand += timedelta(minutes=1)
-        raise ConfigError(f"cron rule {self.text!r} never matches")
-
-    def _day_ok(self, t: datetime) -> bool:
-        dom, dow = t.day in self.sets[2], (t.isoweekday() % 7) in self.sets[4]
-        return dom and dow if (self.day_any or self.weekday_any) else dom or dow
-
-
-def _parse_field(text: str, name: str, lo: int, hi: int) -> frozenset[int]:
-    out: set[int] = set()
-    for item in text.split(","):
-        rng, _, step_s = item.partition("/")
-        try:
-            step = int(step_s) if step_s else 1
-            if rng == "*":
-                a, b = lo, hi
-            elif "-" in rng:
-                a_s, b_s = rng.split("-", 1)
-                a, b = int(a_s), int(b_s)
-            else:
-                a = b = int(rng)
-        except ValueError:
-            raise ConfigError(f"cron {name} field {text!r}: {item!r} is not a number, range "
-                              "or step") from None
-        if not (lo <= a <= b <= hi) or step < 1:
-            raise ConfigError(f"cron {name} field {text!r}: {item!r} outside {lo}-{hi}")
-        out.update(range(a, b + 1, step))
-    return frozenset(out)
+        """First matching minute strictly after t."""
+        return croniter(self.text, t.replace(second=0, microsecond=0)).get_next(datetime)
 
 
 class RunLock:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main as fedsight_main
-from coordinator.schedule import RunLock
+from ops.schedule import RunLock
 
 
 def schedule(home: Path, *extra: str) -> list[str]:

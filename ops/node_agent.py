@@ -1,5 +1,8 @@
-"""`fedsight node start`: check the site, check the coordinator, certificate and node key, then
-run a real `flower-supernode` with this hospital's node config. Nothing is kept between calls."""
+"""`fedsight node start`: check the site, the coordinator, certificate and node key, then
+supervise this hospital's `flower-supernode` (ops.supervise): restarted with backoff after any
+exit (a SuperLink restart ends every SuperNode), with the same node config, site id and node key,
+next to one long-lived task worker (hospital_node.worker). Signals go to the SuperNode; the agent
+then stops the worker and exits. Log lines name the site and exit codes, never patient data."""
 
 from __future__ import annotations
 
@@ -7,14 +10,16 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ops.keys import AUTH_NEEDS_TLS, check_auth_key, check_certificate
+from ops.processes import BINDIR, process_env, reap_clientapps
+from ops.supervise import Backoff, Supervisor
 from vocab.errors import ConfigError, DataError, FedsightError
-from vocab.key_files import read_key_file
-from vocab.offline import OFFLINE_ENV
 
-AUTH_NEEDS_TLS = "--auth-key needs --tls: Flower authenticates SuperNodes only over TLS"
+__all__ = ["AUTH_NEEDS_TLS", "NodeStart", "check_auth_key", "prepare", "start",
+           "supernode_command"]
 
 
 class CoordinatorUnreachable(FedsightError):
@@ -35,64 +40,13 @@ class NodeStart:
     worker: bool = True
     # OpenSSH ECDSA private key whose public half the coordinator registered (its --node-auth).
     auth_key: Path | None = None
+    backoff: Backoff = field(default_factory=Backoff)  # SuperNode restarts
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.coordinator.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
         return host.strip("[]"), int(port)
-
-
-def check_certificate(path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"TLS CA certificate {str(path)!r} does not exist or is not a file")
-    try:
-        head = path.read_bytes()[:4096]
-    except OSError as e:
-        raise ConfigError(f"TLS CA certificate {str(path)!r} is unreadable: {e}") from e
-    if b"-----BEGIN CERTIFICATE-----" not in head:
-        raise ConfigError(f"TLS CA certificate {str(path)!r} is not a PEM certificate")
-
-
-def check_auth_key(path: Path) -> None:
-    """--auth-key as flower-supernode reads it: an unencrypted OpenSSH ECDSA private key.
-    Errors name the option, the path and what is wrong, never the key."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
-    what = f"--auth-key {str(path)!r}"
-    data = read_key_file(path, what)
-    try:
-        key = load_ssh_private_key(data, password=None)
-    except ValueError:
-        raise ConfigError(f"{what} {_not_a_private_key(data)}") from None
-    except (TypeError, UnsupportedAlgorithm):  # encrypted: Flower passes no passphrase
-        raise ConfigError(f"{what} is passphrase-protected or uses an unsupported cipher; "
-                          "flower-supernode needs an unencrypted key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        kind = type(key).__name__.removesuffix("PrivateKey")
-        raise ConfigError(f"{what} is a key of type {kind}; Flower needs ECDSA "
-                          "(ssh-keygen -t ecdsa -b 384)")
-
-
-def _not_a_private_key(data: bytes) -> str:
-    """Why data is no OpenSSH private key, for the two usual mix-ups."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-
-    try:
-        load_ssh_public_key(data)
-        is_public = True
-    except (ValueError, UnsupportedAlgorithm):
-        is_public = b"PUBLIC KEY-----" in data  # PEM
-    if is_public:
-        return ("is a public key; pass the private key (node-<hospital>, not the .pub "
-                "registered at the coordinator)")
-    if b"PRIVATE KEY-----" in data:
-        return ("is a PEM private key; flower-supernode reads only the OpenSSH format "
-                "(ssh-keygen -t ecdsa -b 384)")
-    return "is not an OpenSSH private key"
 
 
 def check_reachable(host: str, port: int, timeout: float = 5.0) -> None:
@@ -130,7 +84,7 @@ def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None 
         cfg.append(f"cache-dir={_toml_str(str(spec.cache_dir.resolve()))}")
     if worker_socket is not None:
         cfg.append(f"worker-socket={_toml_str(str(worker_socket))}")
-    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink",
+    cmd = [str(BINDIR / "flower-supernode"), "--superlink",
            spec.coordinator, "--node-config", " ".join(cfg), "--port", str(spec.clientapp_port)]
     if spec.max_retries:
         cmd += ["--max-retries", str(spec.max_retries)]
@@ -144,9 +98,7 @@ def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None 
 
 
 def node_env() -> dict[str, str]:
-    env = {**os.environ, **OFFLINE_ENV}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
+    return process_env()
 
 
 def prepare(spec: NodeStart) -> tuple[str, str]:
@@ -188,8 +140,8 @@ class TaskWorker:
 
 
 def start_worker(env: dict[str, str]) -> TaskWorker:
-    """Start hospital_node.worker as a child of this process, which then becomes the SuperNode:
-    the worker watches this pid, exits when it is gone and removes its socket folder then."""
+    """Start hospital_node.worker as a child of this agent: the worker watches this pid, exits
+    when it is gone (even after a SIGKILL of the agent) and removes its socket folder then."""
     from hospital_node.worker import prepare_socket, remove_socket_dir
 
     socket = prepare_socket()
@@ -203,21 +155,50 @@ def start_worker(env: dict[str, str]) -> TaskWorker:
     return TaskWorker(socket, proc)
 
 
-def start(spec: NodeStart) -> None:
-    """Replace this process by flower-supernode (signals and exit code pass straight through).
-    However the SuperNode ends, the worker then removes its socket folder; if the SuperNode
-    cannot even be started, the worker is stopped and its folder removed here."""
+def _log(line: str) -> None:
+    print(f"[node] {line}", flush=True)
+
+
+def start(spec: NodeStart) -> int:
+    """Check everything, then supervise flower-supernode until SIGTERM/SIGINT/SIGHUP; returns
+    the exit code for the CLI (0 after a requested stop). The task worker outlives SuperNode
+    restarts (it watches this agent's pid) and is started again if it died; it is stopped and
+    its socket folder removed however the agent ends. A SuperNode that cannot be started at all
+    (missing executable) raises after the worker is stopped."""
     site_id, summary = prepare(spec)
-    print(f"[node] {summary}", flush=True)
+    _log(summary)
     env = node_env()
-    worker = start_worker(env) if spec.worker else None
-    try:
+    workers: list[TaskWorker] = []
+
+    def start_supernode() -> subprocess.Popen:
+        if spec.worker and (not workers or workers[-1].proc.poll() is not None):
+            if workers:
+                _log(f"task worker exited with code {workers[-1].proc.returncode}; "
+                     "starting a new one")
+                workers[-1].stop()
+            workers.append(start_worker(env))
+        worker = workers[-1] if workers else None
         cmd = supernode_command(spec, site_id, worker.socket if worker else None)
-        print(f"[node] starting SuperNode -> {spec.coordinator}"
-              f"{' (task worker ' + str(worker.socket) + ')' if worker else ''}"
-              f"{' with node key ' + str(spec.auth_key) if spec.auth_key else ''}", flush=True)
-        os.execve(cmd[0], cmd, env)  # returns only by raising
-    except BaseException:
-        if worker is not None:
-            worker.stop()
-        raise
+        _log(f"starting SuperNode {site_id} -> {spec.coordinator}"
+             f"{' (task worker ' + str(worker.socket) + ')' if worker else ''}"
+             f"{' with node key ' + str(spec.auth_key) if spec.auth_key else ''}")
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+    def reap() -> None:
+        # A SuperNode killed with -9 leaves its flwr-clientapp children retrying its port.
+        reaped = reap_clientapps(spec.clientapp_port, grace=2.0)
+        if reaped:
+            _log(f"stopped {len(reaped)} orphaned flwr-clientapp process(es) of port "
+                 f"{spec.clientapp_port}")
+
+    sup = Supervisor(start_supernode, spec.backoff, _log, before_start=reap,
+                     name=f"SuperNode {site_id}")
+    try:
+        with sup.signals():
+            code = sup.run()
+    finally:
+        for w in workers:
+            w.stop()
+        reap()
+    _log(f"SuperNode {site_id} stopped" + (f" (exit code {code})" if code else ""))
+    return code
