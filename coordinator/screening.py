@@ -120,13 +120,29 @@ def _cosines_to_median(deltas: np.ndarray) -> np.ndarray:
     return out
 
 
+TRAINED_FRACTION = 0.1
+
+
+def _trained(norms: np.ndarray) -> np.ndarray:
+    """Which hospitals trained a layer: its update there is at least TRAINED_FRACTION of the
+    others' median. A hospital without data for a modality still moves that encoder a little
+    (decoupled weight decay shrinks every weight, ~lr x decay x |w|, while a trained layer moves
+    ~lr per weight under Adam); that drift carries no direction to judge."""
+    out = np.zeros(len(norms), dtype=bool)
+    for i in range(len(norms)):
+        others = float(np.median(np.delete(norms, i))) if len(norms) > 1 else 0.0
+        out[i] = norms[i] > 0 and norms[i] >= TRAINED_FRACTION * others
+    return out
+
+
 def direction_scores(updates: Sequence[Update], global_state: State) -> dict[str, float]:
     """Per hospital: how far its update agrees with the federation where the federation agrees.
 
     Layer by layer (parameters grouped by module: the name without its last component), among
-    the hospitals that changed the layer (for a routed expert: that routed tokens to it), each
-    hospital's cosine to the coordinate-wise median of the others; a layer counts with weight
-    max(0, median of those cosines), its consensus. The score is the consensus-weighted mean of
+    the hospitals that trained the layer (_trained; for a routed expert: that routed tokens to
+    it), each hospital's cosine to the coordinate-wise median of the others; for that hospital
+    the layer counts with weight max(0, median of the others' cosines - 2/sqrt(layer size)),
+    their consensus beyond what random directions would show. The score is the consensus-weighted mean of
     a hospital's cosines: near 1 agreeing, near 0 unrelated (a random direction), negative
     opposed. Layers where fewer than three hospitals take part, or that have no consensus, do
     not count; a hospital with no counted layer gets no score (no verdict).
@@ -143,14 +159,18 @@ def direction_scores(updates: Sequence[Update], global_state: State) -> dict[str
         if len(members) < 3:
             continue
         deltas = _deltas(members, global_state, keys)
-        moved = np.linalg.norm(deltas, axis=1) > 0  # a hospital that did not train the layer
+        moved = _trained(np.linalg.norm(deltas, axis=1))
         if int(moved.sum()) < 3:
             continue
         members = [u for u, m in zip(members, moved, strict=True) if m]
         cos = _cosines_to_median(deltas[moved])
-        weight = max(0.0, float(np.median(cos)))
-        for u, c in zip(members, cos, strict=True):
-            num[u.hospital] += weight * float(c)
+        chance = 2.0 / math.sqrt(deltas.shape[1])  # 2 sd of the cosine of random directions
+        for i, u in enumerate(members):
+            # The layer's consensus among the OTHER hospitals (with its own cosine in the
+            # median, a random update would weight up the layers it happens to match), counted
+            # only beyond chance: a 1-weight layer's cosine is a coin flip (+-1).
+            weight = max(0.0, float(np.median(np.delete(cos, i))) - chance)
+            num[u.hospital] += weight * float(cos[i])
             den[u.hospital] += weight
     return {h: num[h] / den[h] for h in num if den[h] > 0}
 

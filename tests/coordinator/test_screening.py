@@ -52,7 +52,7 @@ def test_update_norm_ignores_integer_buffers() -> None:
     assert update_norm(state(1.0), state(0.0)) == pytest.approx(math.sqrt(4 + 2 + 2 + 4))
 
 
-def federation(seed: int = 0, d: int = 400) -> tuple[dict[str, np.ndarray],
+def federation(seed: int = 0, d: int = 4000) -> tuple[dict[str, np.ndarray],
                                                       dict[str, dict[str, np.ndarray]]]:
     """Global model + four honest hospitals: a shared descent direction plus each hospital's own
     noise (pairwise cosine ~0.5); 'small' moves a quarter as far (like a hospital without
