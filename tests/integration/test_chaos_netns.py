@@ -41,12 +41,11 @@ from typing import Any
 import pytest
 
 from tests.integration import netns
+from tests.integration.tiny import TINY_MODEL, small_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 # As test_deployment.TINY_MODEL: tiny network on the default input grid.
-TINY_MODEL = {"d_model": 16, "n_heads": 2, "n_blocks": 1, "n_experts": 4, "top_k": 2,
-              "expert_hidden": 16, "ct_channels": [8], "ehr_hidden": 8}
 SITES = ["site_a", "site_b", "site_c"]
 # A hospital took part in a round when its update arrived, whatever screening then made of it
 # (site_c's small, pathology-free updates are sometimes screened out: that is item 3's business).
@@ -62,12 +61,7 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PRO
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from synth.config import SynthConfig
-    from synth.federation import generate
-
-    out = tmp_path_factory.mktemp("fed") / "federation"
-    generate(SynthConfig.default(n_sites=3, seed=3, sizes=(6, 6, 6)), out)
-    return out
+    return small_federation(tmp_path_factory.mktemp("fed"), n_sites=3, seed=3)
 
 
 @pytest.fixture

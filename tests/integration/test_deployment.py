@@ -13,22 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.tiny import TINY_MODEL, small_federation
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-# Tiny network on the default input grid: the cache that `node start`'s site check fills is
-# the one training reads (no second preprocessing pass inside the message processes).
-TINY_MODEL = {"d_model": 16, "n_heads": 2, "n_blocks": 1, "n_experts": 4, "top_k": 2,
-              "expert_hidden": 16, "ct_channels": [8], "ehr_hidden": 8}
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from synth.config import SynthConfig
-    from synth.federation import generate
-
-    out = tmp_path_factory.mktemp("fed") / "federation"
-    generate(SynthConfig.default(n_sites=3, seed=3, sizes=(6, 6, 6)), out)
-    return out
+    return small_federation(tmp_path_factory.mktemp("fed"), n_sites=3, seed=3)
 
 
 def test_two_rounds_on_superlink_and_three_supernodes(federation: Path, tmp_path: Path) -> None:

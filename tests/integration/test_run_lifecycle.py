@@ -31,13 +31,10 @@ from ops.cluster import simulation_superlink
 from ops.flwr_cli import app_dir, run_status, submit_run, write_connection
 from ops.processes import free_port, source_env, stop_group, wait_listening
 from ops.superlink import SuperLinkConfig, superlink_command
+from tests.integration.tiny import TINY_MODEL_SMALL_GRID as TINY_MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = {"d_model": 16, "n_heads": 2, "n_blocks": 1, "n_experts": 4, "top_k": 2,
-              "expert_hidden": 16, "ct_channels": [8], "ehr_hidden": 8,
-              "inputs": {"ct_shape": [8, 16, 16], "ct_spacing": [32.0, 20.0, 20.0],
-                         "path_size": 32, "ehr_schema": "chest-v1"}}
 
 
 class IdleLink:
