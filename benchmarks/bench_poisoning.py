@@ -15,10 +15,13 @@ SuperLink, so that the attacker's reply can be rewritten between the two. Attack
 - nan: its honest update with NaN in one array;
 - label-flip: trains honestly on its data with every label flipped (it evaluates on the true
   labels, so the pooled AUC still scores its patients);
-- free-rider: sends the global model back unchanged with its honest metrics.
+- free-rider: sends the global model back unchanged with its honest metrics;
+- absent (a reference, not an attack): hospital 0 never sends an update (its training replies
+  fail) but is still evaluated. No defence that leaves the attacker out can beat this arm: in
+  this non-IID federation its data is worth several AUC points to the others.
 
-Targets: |pooled AUC(attack) - pooled AUC(clean)| <= 0.02 and the attacker rejected in every
-round of every attack (the clean run reports how often honest hospitals were rejected).
+Targets (issue 11): |pooled AUC(attack) - pooled AUC(clean)| <= 0.02 and the attacker rejected
+in every round of every attack; the clean run reports how often honest hospitals were rejected.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ATTACKS = ("clean", "sign-flip-x1", "sign-flip-x10", "noise", "nan", "label-flip", "free-rider")
+ATTACKS = ("clean", "absent", "sign-flip-x1", "sign-flip-x10", "noise", "nan", "label-flip",
+           "free-rider")
 ATTACKER = 0  # index of the malicious hospital (sorted site folders)
 
 
@@ -119,6 +123,8 @@ class InProcessGrid:
             if attacker and kind == "train" and self.flipped is not None:
                 ctx.node_config["data-dir"] = str(self.flipped)  # trains on flipped labels
             try:
+                if attacker and kind == "train" and self.attack == "absent":
+                    raise client_app.NodeTaskError("fedsight-node: train failed (Absent)")
                 handler = {"train": client_app.train, "evaluate": client_app.evaluate,
                            "query": client_app.query}[kind]
                 reply = handler(msg, ctx)
@@ -217,24 +223,27 @@ def main() -> int:
             sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
             generate(SynthConfig.default(n_sites=4, seed=seed, sizes=sizes), fed)
         for robust in args.robust.split(","):
-            clean_auc = None
+            ref: dict[str, float | None] = {}
             for attack in args.attacks.split(","):
                 r = one_run(fed, work, attack, robust, args.rounds, args.epochs, seed,
                             args.min_cosine, args.dump_updates)
                 r["seed"] = seed
-                if attack == "clean":
-                    clean_auc = r["auc"]
-                r["delta"] = None if clean_auc is None or r["auc"] is None \
-                    else r["auc"] - clean_auc
+                if attack in ("clean", "absent"):
+                    ref[attack] = r["auc"]
+                for base in ("clean", "absent"):
+                    have = ref.get(base)
+                    r[f"vs_{base}"] = None if have is None or r["auc"] is None \
+                        else r["auc"] - have
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    print("\n| seed | robust | attack | pooled AUC | vs clean | attacker flagged | honest "
-          "rejections | seconds |\n|---|---|---|---|---|---|---|---|")
+    print("\n| seed | robust | attack | pooled AUC | vs clean | vs absent | attacker flagged | "
+          "honest rejections | seconds |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        delta = "" if r["delta"] is None else f"{r['delta']:+.3f}"
-        flag = "-" if r["attack"] == "clean" else f"{r['rounds_flagged']}/{r['rounds']}"
-        print(f"| {r['seed']} | {r['robust']} | {r['attack']} | {r['auc']:.3f} | {delta} | "
-              f"{flag} | {r['honest_rejections']} | {r['seconds']:.0f} |")
+        vs = ["" if r[k] is None else f"{r[k]:+.3f}" for k in ("vs_clean", "vs_absent")]
+        flag = "-" if r["attack"] in ("clean", "absent") else \
+            f"{r['rounds_flagged']}/{r['rounds']}"
+        print(f"| {r['seed']} | {r['robust']} | {r['attack']} | {r['auc']:.3f} | {vs[0]} | "
+              f"{vs[1]} | {flag} | {r['honest_rejections']} | {r['seconds']:.0f} |")
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     return 0
 
