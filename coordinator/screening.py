@@ -142,10 +142,10 @@ def direction_scores(updates: Sequence[Update], global_state: State) -> dict[str
     the hospitals that trained the layer (_trained; for a routed expert: that routed tokens to
     it), each hospital's cosine to the coordinate-wise median of the others; for that hospital
     the layer counts with weight max(0, median of the others' cosines - 2/sqrt(layer size)),
-    their consensus beyond what random directions would show. The score is the consensus-weighted mean of
-    a hospital's cosines: near 1 agreeing, near 0 unrelated (a random direction), negative
-    opposed. Layers where fewer than three hospitals take part, or that have no consensus, do
-    not count; a hospital with no counted layer gets no score (no verdict).
+    their consensus beyond what random directions would show. The score is the
+    consensus-weighted mean of a hospital's cosines: near 1 agreeing, near 0 unrelated (a random
+    direction), negative opposed. Layers where fewer than three hospitals take part, or that
+    have no consensus, do not count; a hospital with no counted layer gets no score (no verdict).
     """
     layers: dict[str, list[str]] = {}
     for k, g in global_state.items():
