@@ -45,7 +45,6 @@ from tests.integration.tiny import TINY_MODEL, small_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-# As test_deployment.TINY_MODEL: tiny network on the default input grid.
 SITES = ["site_a", "site_b", "site_c"]
 # A hospital took part in a round when its update arrived, whatever screening then made of it
 # (site_c's small, pathology-free updates are sometimes screened out: that is item 3's business).

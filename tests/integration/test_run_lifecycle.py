@@ -162,7 +162,9 @@ def test_resume_refuses_while_running_and_ctrl_c_stops_and_records(
         out = tmp_path / "first.out"
         with out.open("w") as f:
             first = subprocess.Popen(
-                coordinator_run(port, home, "--rounds", "50", "--timeout", "900", *cfg,
+                # Far more rounds than the test lets it run (a tiny round takes ~1 s on quiet
+                # cores): it must still be running when --resume is tried and Ctrl-C comes.
+                coordinator_run(port, home, "--rounds", "5000", "--timeout", "900", *cfg,
                                 "--run-config", "local-epochs=1",
                                 "--run-config", f"model-json='{json.dumps(TINY_MODEL)}'"),
                 cwd=REPO, env=source_env(), stdout=f, stderr=subprocess.STDOUT,
