@@ -181,11 +181,12 @@ def one_run(fed: Path, work: Path, attack: str, robust: str, rounds: int, epochs
     attacker = sites[ATTACKER].name
     versions = store.list_versions()
     last = versions[-1].meta if versions else {}
+    metas = {v.id: v.meta for v in versions}
     per_round = [{h: (o["outcome"], round(float(
-        (v.meta["screening"].get(h) or {}).get("cosine") or float("nan")), 3))
-        for h, o in r["hospitals"].items()}
+        ((metas.get(r["version"] or "") or {}).get("screening", {}).get(h) or {}).get("cosine")
+        or float("nan")), 3)) for h, o in r["hospitals"].items()}
         | {"_reason": r["hospitals"].get(attacker, {}).get("reason", "")}
-        for r, v in zip(run["rounds"], versions, strict=False)]
+        for r in run["rounds"]]
     flagged = [r["hospitals"].get(attacker, {}).get("outcome") in ("rejected", "dropped")
                for r in run["rounds"]]
     honest_rejected = sum(o["outcome"] != "accepted" for r in run["rounds"]

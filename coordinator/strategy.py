@@ -101,11 +101,12 @@ class PerExpertFedAvg(FedAvg):
             taken = {self.hospitals[n] for n in current if n in self.hospitals}
             self.hospitals.update(self.identify(grid, unknown, taken))
 
-    def _sender(self, reply: Message) -> int:
-        """The node a reply answers for. A failed reply (node lost, timed out) comes from the
-        SuperLink, so it is matched to the message it answers, never named by its source."""
+    def _senders(self) -> Callable[[Message], int]:
+        """reply -> the node it answers for. A failed reply (node lost, timed out) comes from
+        the SuperLink, so it is matched to the message it answers, never named by its source."""
         sent = sent_to(self._sent)
-        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return lambda reply: sent.get(reply.metadata.reply_to_message_id,
+                                      reply.metadata.src_node_id)
 
     def _round(self, server_round: int) -> RoundRecord:
         r = self.round_offset + server_round
@@ -114,7 +115,7 @@ class PerExpertFedAvg(FedAvg):
     def _stamp(self, rec: RoundRecord, grid: Grid, messages: list[Message],
                arrays: ArrayRecord, train: bool) -> list[Message]:
         """Name the receiving hospitals, stamp the global round, count the bytes sent, and keep
-        the messages: the grid gives them their ids when it pushes them (see _sender)."""
+        the messages: the grid gives them their ids when it pushes them (see _senders)."""
         self._identify_new(grid, messages)
         size = record_bytes(arrays)
         for m in messages:
@@ -138,13 +139,14 @@ class PerExpertFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rec = self._round(server_round)
+        sender = self._senders()
         valid, failed = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         for msg in failed:
-            name = self.name_of(self._sender(msg))
+            name = self.name_of(sender(msg))
             self._set_outcome(rec, name, DROPPED, f"reply failed: {_public_reason(msg)}")
         updates: list[Update] = []
         for msg in valid:
-            name = self.name_of(self._sender(msg))
+            name = self.name_of(sender(msg))
             h = rec.hospital(name)
             problem = self._reply_problem(msg)
             if problem:
@@ -217,11 +219,12 @@ class PerExpertFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         rec = self._round(server_round)
+        sender = self._senders()
         valid, failed = self._check_and_log_replies(list(replies), is_train=False,
                                                     validate=False)
         for msg in failed:
             log.warning("round %d: hospital %s evaluation failed: %s", rec.round,
-                        self.name_of(self._sender(msg)), _public_reason(msg))
+                        self.name_of(sender(msg)), _public_reason(msg))
         per_hospital: dict[str, dict[str, float]] = {}
         for msg in valid:
             if K.METRICS not in msg.content.metric_records:
@@ -229,7 +232,7 @@ class PerExpertFedAvg(FedAvg):
             m = {k: float(v) for k, v in msg.content[K.METRICS].items()
                  if k in K.EVAL_METRIC_KEYS and not isinstance(v, list)}
             m.pop(K.NUM_EXAMPLES, None)
-            name = self.name_of(self._sender(msg))
+            name = self.name_of(sender(msg))
             rec.hospital(name).eval = m
             per_hospital[name] = m
         rec.pooled = pooled_means(per_hospital, weight_key=K.N_EVAL)

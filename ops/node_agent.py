@@ -97,10 +97,6 @@ def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None 
     return cmd + ["--root-certificates", str(spec.tls_ca.resolve())]
 
 
-def node_env() -> dict[str, str]:
-    return process_env()
-
-
 def prepare(spec: NodeStart) -> tuple[str, str]:
     """Every check, cheapest first; returns (site id, summary line)."""
     host, port = spec.host_port()
@@ -167,7 +163,7 @@ def start(spec: NodeStart) -> int:
     (missing executable) raises after the worker is stopped."""
     site_id, summary = prepare(spec)
     _log(summary)
-    env = node_env()
+    env = process_env()
     workers: list[TaskWorker] = []
 
     def start_supernode() -> subprocess.Popen:
