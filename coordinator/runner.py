@@ -67,6 +67,8 @@ def train_config_record(settings: RunSettings) -> ConfigRecord:
         K.BATCH_SIZE: settings.batch_size, K.MODEL_JSON: settings.model_json,
         K.TRAIN_JSON: settings.train_json, K.SEED: settings.seed, K.MAX_CASES: settings.max_cases,
         K.EHR_SCHEMA: schema.name, K.EHR_SCHEMA_HASH: schema.content_hash,
+        K.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
+        K.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm,
     })
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from coordinator.robust import ROBUST_NAMES, RobustName, RobustRule
 from coordinator.screening import ScreenRule
+from multimodal.config import check_dp_params
 from vocab import records as K
 from vocab.errors import ConfigError
 from vocab.json_config import json_object
@@ -59,6 +60,11 @@ class RunSettings:
     local_epochs: int = K.DEFAULT_LOCAL_EPOCHS
     lr: float = K.DEFAULT_LR
     batch_size: int = K.DEFAULT_BATCH_SIZE
+    # Record-level differential privacy at every hospital (DP-SGD, multimodal.dp): Gaussian noise
+    # multiplier and per-sample clipping norm, both 0 = off. Each hospital accounts its own
+    # epsilon and may refuse a round past its budget (hospital_node.privacy, docs/privacy.md).
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 0.0
     # Rounds 1..stage1_rounds train each encoder with its own head (progressive alignment);
     # later rounds train the fused model.
     stage1_rounds: int = 1
@@ -105,6 +111,7 @@ class RunSettings:
                               f"{self.robust_beta!r}/{self.robust_byzantine!r}")
         for key in ("model_json", "train_json"):
             self.json_overrides(key)
+        check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
 
     @property
     def screen_rule(self) -> ScreenRule:

@@ -63,7 +63,8 @@ def _run(kind: str, msg: Message, context: Context, start_step: int = 0) -> task
     arrays = msg.content[K.ARRAYS] if K.ARRAYS in msg.content.array_records else None
     req = task.TaskRequest(
         kind, dict(context.node_config), dict(context.run_config), dict(msg.content[K.CONFIG]),
-        {k: a.numpy() for k, a in arrays.items()} if arrays is not None else None, start_step)
+        {k: a.numpy() for k, a in arrays.items()} if arrays is not None else None, start_step,
+        int(context.run_id))
     socket = context.node_config.get(task.WORKER_SOCKET)
     if socket:
         from hospital_node import worker

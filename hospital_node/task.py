@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hospital_node.privacy import NODE_KEYS as PRIVACY_KEYS
+from hospital_node.privacy import Ledger, PrivacySettings, default_ledger
 from vocab import records as K
 from vocab.errors import ConfigError, DataError, EhrSchemaMismatch
 from vocab.json_config import json_object
@@ -23,7 +25,7 @@ from vocab.json_config import json_object
 DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
 WORKER_SOCKET = "worker-socket"  # hospital_node.worker's socket (set by `fedsight node start`)
 NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, WORKER_SOCKET, "partition-id",
-                       "num-partitions"})
+                       "num-partitions"}) | PRIVACY_KEYS
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -34,6 +36,7 @@ class NodeSettings:
     data_dir: Path
     site_id: str = ""  # "" = take it from site.json / the folder name
     cache_dir: Path | None = None
+    privacy: PrivacySettings | None = None  # None: the defaults (hospital_node.privacy)
 
     @classmethod
     def from_configs(cls, node_config: dict[str, Any], run_config: dict[str, Any]
@@ -51,7 +54,13 @@ class NodeSettings:
             raise ConfigError(f"node config needs {DATA_DIR!r} (the site data root)")
         if cache and "partition-id" in node_config and CACHE_DIR not in node_config:
             cache = str(Path(cache) / data.name)  # one cache per simulated site
-        return cls(data, str(node_config.get(SITE_ID_KEY, "")), Path(cache) if cache else None)
+        cache_path = Path(cache) if cache else None
+        return cls(data, str(node_config.get(SITE_ID_KEY, "")), cache_path,
+                   PrivacySettings.from_node_config(node_config, data, cache_path))
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.privacy or PrivacySettings(default_ledger(self.data_dir,
+                                                                     self.cache_dir)))
 
 
 def site_of_partition(federation_dir: str, partition_id: int) -> Path:
@@ -80,6 +89,8 @@ class RoundConfig:
     proximal_mu: float = 0.0
     ehr_schema: str = ""  # the federation's EHR schema id ("" = take it from the model config)
     ehr_schema_hash: str = ""  # its content hash (sha256 hex)
+    dp_noise_multiplier: float = 0.0  # DP-SGD (multimodal.dp); both 0 = off
+    dp_max_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         # Wire values: echoed in a refusal that goes back to the coordinator, so keep them plain.
@@ -99,12 +110,14 @@ class RoundConfig:
                  K.LOCAL_EPOCHS: "local_epochs", K.LR: "lr", K.BATCH_SIZE: "batch_size",
                  K.MODEL_JSON: "model_json", K.TRAIN_JSON: "train_json", K.SEED: "seed",
                  K.MAX_CASES: "max_cases", K.PROXIMAL_MU: "proximal_mu",
-                 K.EHR_SCHEMA: "ehr_schema", K.EHR_SCHEMA_HASH: "ehr_schema_hash"}
+                 K.EHR_SCHEMA: "ehr_schema", K.EHR_SCHEMA_HASH: "ehr_schema_hash",
+                 K.DP_NOISE_MULTIPLIER: "dp_noise_multiplier",
+                 K.DP_MAX_GRAD_NORM: "dp_max_grad_norm"}
         unknown = sorted(set(config) - set(names))
         if unknown:
             raise ConfigError(f"unknown round config key(s) {unknown}; known: {sorted(names)}")
         kw = {names[k]: v for k, v in config.items()}
-        for key in ("lr", "proximal_mu"):
+        for key in ("lr", "proximal_mu", "dp_noise_multiplier", "dp_max_grad_norm"):
             if key in kw:
                 kw[key] = float(kw[key])
         return cls(**kw)
@@ -120,7 +133,9 @@ class RoundConfig:
         base = TrainConfig.from_dict(json_object(self.train_json, "train-json"))
         return base.replace(epochs=self.local_epochs, lr=self.lr, batch_size=self.batch_size,
                             seed=self.seed * 1000 + self.server_round,
-                            fedprox_mu=self.proximal_mu or base.fedprox_mu)
+                            fedprox_mu=self.proximal_mu or base.fedprox_mu,
+                            dp_noise_multiplier=self.dp_noise_multiplier,
+                            dp_max_grad_norm=self.dp_max_grad_norm)
 
 
 
@@ -202,17 +217,26 @@ class TrainOutcome:
     global_step: int  # optimiser steps so far at this node (router-noise anneal)
 
 
-def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_step: int = 0
-          ) -> TrainOutcome:
+def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_step: int = 0,
+          run_id: int = 0) -> TrainOutcome:
+    """Local training from the global weights. With DP-SGD the hospital's ledger is checked
+    first (PrivacyRefusal: budget, DP required, broken ledger) and the round recorded before the
+    update is returned; the reply then carries no training loss or expert token counts (they
+    are computed from the data outside the DP mechanism)."""
+    from multimodal.dp import plan
     from multimodal.train import train_local
 
     model = _model(cfg, state)
     data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases)
     if not data.train:
         raise DataError("no labelled training case at this site")
+    tcfg = cfg.train_config()
+    ledger = node.ledger()
+    ledger.check(plan(len(data.train), tcfg.batch_size, tcfg.epochs, tcfg.dp_noise_multiplier)
+                 if tcfg.dp else None, len(data.train))
     global_state = {k: v.detach().clone() for k, v in state.items()} \
         if cfg.proximal_mu > 0 else None
-    result = train_local(model, data.train, cfg.train_config(), global_state=global_state,
+    result = train_local(model, data.train, tcfg, global_state=global_state,
                          stage=cfg.stage, start_step=start_step)
     last = result.history[-1] if result.history else {}
     metrics: dict[str, float] = {
@@ -220,7 +244,11 @@ def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_ste
         K.TRAIN_LOSS: float(last.get("loss", math.nan)),
         K.TRAIN_SECONDS: float(result.seconds),
     }
-    if result.expert_counts is not None:
+    if result.dp is not None:
+        metrics[K.TRAIN_LOSS] = math.nan
+        metrics[K.DP_EPSILON] = ledger.record(run_id, cfg.server_round, result.dp)
+        metrics[K.DP_DELTA] = ledger.settings.delta
+    elif result.expert_counts is not None:
         for (layer, expert), count in _cells(result.expert_counts.tolist()):
             metrics[f"{K.EXPERT_TOKENS_PREFIX}.{layer}.{expert}"] = float(count)
     return TrainOutcome(model.state_dict(), metrics, result.global_step)
@@ -271,6 +299,7 @@ class TaskRequest:
     config: dict[str, Any]  # the coordinator's ConfigRecord
     arrays: dict[str, Any] | None = None  # global model as numpy arrays (train, evaluate)
     start_step: int = 0  # optimiser steps this node has done before (train)
+    run_id: int = 0  # the Flower run (recorded in the privacy ledger)
 
 
 @dataclass(frozen=True)
@@ -299,7 +328,7 @@ def run_task(req: TaskRequest) -> TaskResult:
     if req.kind == "evaluate":
         return TaskResult(evaluate(node, cfg, state))
     if req.kind == "train":
-        out = train(node, cfg, state, start_step=req.start_step)
+        out = train(node, cfg, state, start_step=req.start_step, run_id=req.run_id)
         arrays = {k: v.detach().cpu().numpy() for k, v in out.state.items()}
         return TaskResult(out.metrics, arrays, global_step=out.global_step)
     raise ConfigError(f"unknown task kind {req.kind!r}; expected train|evaluate|query")

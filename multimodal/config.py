@@ -153,6 +153,17 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+def check_dp_params(noise_multiplier: float, max_grad_norm: float) -> bool:
+    """True when DP-SGD is on (both > 0), False when off (both 0); ConfigError otherwise."""
+    if noise_multiplier == 0 and max_grad_norm == 0:
+        return False
+    if not (math.isfinite(noise_multiplier) and math.isfinite(max_grad_norm)) or \
+            noise_multiplier <= 0 or max_grad_norm <= 0:
+        raise ConfigError(f"DP-SGD needs dp-noise-multiplier > 0 and dp-max-grad-norm > 0 "
+                          f"together (both 0 = off), got {noise_multiplier} and {max_grad_norm}")
+    return True
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One local training run (a hospital's round, or the pooled baseline)."""
@@ -184,6 +195,10 @@ class TrainConfig:
     seed: int = 0
     # FedProx proximal coefficient mu (0 = plain local training / FedAvg).
     fedprox_mu: float = 0.0
+    # DP-SGD (multimodal.dp): Gaussian noise multiplier and per-sample clipping norm; both 0 =
+    # off, both > 0 = on (grad_clip and loss-ratio weighting are then not used).
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.stage1_epochs < 0:
@@ -199,6 +214,12 @@ class TrainConfig:
                               f"{self.loss_weighting!r}")
         if self.batch_size < 1 or self.lr <= 0 or self.fedprox_mu < 0:
             raise ConfigError("batch_size must be >= 1, lr > 0, fedprox_mu >= 0")
+        check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
+
+    @property
+    def dp(self) -> bool:
+        """DP-SGD on (multimodal.dp)."""
+        return check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -18,8 +18,10 @@ import torch
 
 from multimodal.config import TrainConfig
 from multimodal.data import Batch, PreparedCase, collate, concat_batches
+from multimodal.dp import DPSpend
 from multimodal.losses import LossRatioWeighting, fedprox_term, masked_bce
 from multimodal.model import FedsightModel
+from vocab.errors import ConfigError
 from vocab.modalities import MODALITIES
 
 Data = Sequence[PreparedCase] | Batch | Sequence[Batch]
@@ -36,6 +38,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
     expert_counts: torch.Tensor | None = None  # (n_blocks, n_experts) tokens routed this run
     expert_counts_by_group: torch.Tensor | None = None  # (n_blocks, groups, n_experts)
+    dp: DPSpend | None = None  # set when trained with DP-SGD (cfg.dp)
 
 
 def as_batch(model: FedsightModel, data: Data) -> Batch:
@@ -126,13 +129,27 @@ def train_local(
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, modality dropout
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    weighting = LossRatioWeighting(mods, cfg.loss_ratio_alpha, cfg.loss_weighting == "loss_ratio")
+    # Under DP the weights stay equal: loss-ratio weights are computed from the training
+    # losses, a release of the data that does not pass through the DP mechanism.
+    weighting = LossRatioWeighting(mods, cfg.loss_ratio_alpha,
+                                   cfg.loss_weighting == "loss_ratio" and not cfg.dp)
     prox = {k: v.detach().clone() for k, v in (global_state or {}).items()}
     fused_model = model.cfg.fusion == "moe"
     model.reset_expert_counts()
     model.train()
     step = 0
     history: list[dict[str, float]] = []
+    dp = None
+    if cfg.dp:
+        if model.cfg.path_norm == "batch":  # batch statistics mix cases: no per-case gradient
+            raise ConfigError("DP-SGD needs path_norm 'group' (BatchNorm makes one case's "
+                              "gradient depend on the others in its batch)")
+        from multimodal import dp as dpmod
+
+        secret = dpmod.secure_generator()  # batch sampling and noise: never from cfg.seed
+        spend = dpmod.plan(n, cfg.batch_size, cfg.epochs, cfg.dp_noise_multiplier)
+        dp = dpmod.DPStep(opt, cfg.dp_noise_multiplier, cfg.dp_max_grad_norm,
+                          cfg.batch_size, secret)
     with _deterministic():
         for epoch in range(cfg.epochs if n else 0):
             st = stage or (1 if epoch < cfg.stage1_epochs else 2)
@@ -141,7 +158,12 @@ def train_local(
             aux_sum = {m: 0.0 for m in mods}
             aux_n = {m: 0 for m in mods}
             n_batches = 0
-            for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            if dp is None:
+                batches = list(torch.randperm(n, generator=gen).split(cfg.batch_size))
+            else:  # Poisson sampling, as many steps as a shuffled epoch has batches
+                batches = [dpmod.poisson_batch(n, spend.sample_rate, secret)
+                           for _ in range(math.ceil(n / cfg.batch_size))]
+            for idx in batches:
                 b = full.select(idx)
                 if cfg.augment:
                     b = augment(b, gen)
@@ -152,28 +174,32 @@ def train_local(
                     noise = max(0.0, 1.0 - (start_step + step) / max(model.cfg.router_noise_steps,
                                                                       1))
                     model.set_router_noise_scale(noise)
-                out = model(b, fuse=st == 2)
-                present = dict(zip(MODALITIES, b.present().unbind(1), strict=True))
-                aux = {m: masked_bce(out.aux_logits[m], b.label, present[m]) for m in mods}
-                loss = sum(w[m] * aux[m] for m in mods)
-                if st == 2:
-                    main = masked_bce(out.logit, b.label, torch.ones_like(b.label, dtype=bool))
-                    loss = main + cfg.aux_weight * loss + out.moe_loss
-                    sums["main"] += float(main.detach())
-                    sums["moe"] += float(out.moe_loss.detach())
-                if cfg.fedprox_mu > 0 and prox:
-                    loss = loss + fedprox_term(model, prox, cfg.fedprox_mu)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
+                if dp is None:
+                    loss, parts = _loss(model, b, st, w, cfg)
+                    if cfg.fedprox_mu > 0 and prox:
+                        loss = loss + fedprox_term(model, prox, cfg.fedprox_mu)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+                else:
+                    per_case = [_loss(model, b.select(torch.tensor([i])), st, w, cfg)
+                                for i in range(len(b))]
+                    grads = dpmod.per_sample_grads(dp.params, len(b),
+                                                   lambda i, pc=per_case: pc[i][0])
+                    dp.step(grads, (lambda: _add_prox_grad(model, prox, cfg.fedprox_mu))
+                            if cfg.fedprox_mu > 0 and prox else None)
+                    loss, parts = _mean_parts(per_case, b, mods)
                 step += 1
                 n_batches += 1
                 sums["loss"] += float(loss.detach())
+                sums["main"] += float(parts["main"])
+                sums["moe"] += float(parts["moe"])
+                present = dict(zip(MODALITIES, b.present().unbind(1), strict=True))
                 for m in mods:
                     k = int(present[m].sum())
-                    aux_sum[m] += float(aux[m].detach()) * k
+                    aux_sum[m] += float(parts[f"aux_{m}"]) * k
                     aux_n[m] += k
             epoch_aux = {m: aux_sum[m] / aux_n[m] if aux_n[m] else math.nan for m in mods}
             weighting.update(epoch_aux)
@@ -190,4 +216,46 @@ def train_local(
         n_examples=n, steps=step, global_step=start_step + step,
         seconds=time.perf_counter() - t0, history=history,
         expert_counts=model.expert_counts(), expert_counts_by_group=model.expert_counts(True),
+        dp=DPSpend(spend.noise_multiplier, spend.sample_rate, step) if dp else None,
     )
+
+
+def _loss(model: FedsightModel, b: Batch, st: int, w: dict[str, float], cfg: TrainConfig
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of batch b in stage st (1: each modality's own head, weighted by w;
+    2: fused head + aux_weight * the modality heads + MoE losses) and its parts."""
+    mods = model.cfg.modalities
+    out = model(b, fuse=st == 2)
+    present = dict(zip(MODALITIES, b.present().unbind(1), strict=True))
+    aux = {m: masked_bce(out.aux_logits[m], b.label, present[m]) for m in mods}
+    loss = sum(w[m] * aux[m] for m in mods)
+    zero = torch.zeros(())
+    parts = {f"aux_{m}": aux[m].detach() for m in mods} | {"main": zero, "moe": zero}
+    if st == 2:
+        main = masked_bce(out.logit, b.label, torch.ones_like(b.label, dtype=bool))
+        loss = main + cfg.aux_weight * loss + out.moe_loss
+        parts |= {"main": main.detach(), "moe": out.moe_loss.detach()}
+    return loss, parts
+
+
+def _mean_parts(per_case: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], b: Batch,
+                mods: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Batch-mean loss and parts of per-case results, as the batched pass reports them (a
+    modality's aux part: mean over the cases that have it). Logged locally only."""
+    zero = torch.zeros(())
+    if not per_case:
+        return zero, {f"aux_{m}": zero for m in mods} | {"main": zero, "moe": zero}
+    present = dict(zip(MODALITIES, b.present().sum(0).tolist(), strict=True))
+    loss = torch.stack([lo.detach() for lo, _ in per_case]).mean()
+    parts = {k: torch.stack([p[k] for _, p in per_case]).sum() for k in per_case[0][1]}
+    for k in parts:
+        m = k.removeprefix("aux_")
+        parts[k] = parts[k] / max(present[m] if k.startswith("aux_") else len(per_case), 1)
+    return loss, parts
+
+
+def _add_prox_grad(model: FedsightModel, prox: dict[str, torch.Tensor], mu: float) -> None:
+    """FedProx's gradient mu * (w - w_global), added after the DP noise (it reads no data)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and name in prox and p.grad is not None:
+            p.grad.add_(p.detach() - prox[name].to(p.dtype), alpha=mu)

@@ -44,8 +44,10 @@ UI_LOGIN: Final = "ui.login"
 UI_LOGIN_FAILED: Final = "ui.login_failed"
 UI_DIAGNOSIS: Final = "ui.diagnosis"
 UI_FEEDBACK: Final = "ui.feedback"
+PRIVACY_ROUND: Final = "privacy.round"  # a hospital's privacy ledger (hospital_node.privacy)
 KINDS: Final = (RUN_STARTED, RUN_FINISHED, RUN_FAILED, ROUND_COMPLETED, MODEL_PROMOTED,
-                MODEL_ROLLED_BACK, UI_LOGIN, UI_LOGIN_FAILED, UI_DIAGNOSIS, UI_FEEDBACK)
+                MODEL_ROLLED_BACK, UI_LOGIN, UI_LOGIN_FAILED, UI_DIAGNOSIS, UI_FEEDBACK,
+                PRIVACY_ROUND)
 
 GENESIS: Final = "0" * 64
 FIELDS: Final = ("seq", "time", "kind", "actor", "data", "prev", "hash")

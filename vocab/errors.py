@@ -7,6 +7,7 @@ hospital boundary is built from codes and counts only (see `DataProblem.public`)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 
 class FedsightError(Exception):
@@ -34,8 +35,25 @@ class EhrSchemaMismatch(ConfigError):
                          f"federation's {federation_label}")
 
 
+class PrivacyRefusal(FedsightError):
+    """This hospital refuses the round for a privacy reason. The message is one of the fixed
+    sentences below (no values), so it may be sent to the coordinator."""
+
+    EXHAUSTED: Final = "privacy budget exhausted: this round would exceed the hospital's budget"
+    NEEDS_DP: Final = ("this hospital trains only with differential privacy "
+                       "(dp-noise-multiplier and dp-max-grad-norm), and the round has none")
+    LEDGER: Final = ("the hospital's privacy ledger is unreadable or does not verify; an "
+                     "operator must resolve it before training")
+    DELTA: Final = "the hospital's privacy delta is above 1/n of its training cases"
+
+    def __init__(self, reason: str) -> None:
+        if reason not in (self.EXHAUSTED, self.NEEDS_DP, self.LEDGER, self.DELTA):
+            raise ValueError("PrivacyRefusal takes one of its fixed sentences")
+        super().__init__(reason)
+
+
 # Errors whose message is public by construction (see public_reason).
-PUBLIC_ERRORS: tuple[type[Exception], ...] = (EhrSchemaMismatch,)
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (EhrSchemaMismatch, PrivacyRefusal)
 
 
 def public_reason(e: BaseException) -> str:

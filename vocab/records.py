@@ -37,6 +37,9 @@ MAX_CASES: Final = "max-cases"
 # whose site schema differs refuses the round (vocab.errors.EhrSchemaMismatch).
 EHR_SCHEMA: Final = "ehr-schema"
 EHR_SCHEMA_HASH: Final = "ehr-schema-hash"
+# DP-SGD at every hospital (multimodal.dp): both 0 = off, both > 0 = on.
+DP_NOISE_MULTIPLIER: Final = "dp-noise-multiplier"
+DP_MAX_GRAD_NORM: Final = "dp-max-grad-norm"
 
 # ---- hospital -> coordinator: MetricRecord "metrics" (train and evaluate replies) ----
 TRAIN_LOSS: Final = "train-loss"
@@ -45,7 +48,11 @@ LOSS: Final = "loss"  # held-out binary cross-entropy of the fused head
 AUC: Final = "auc"  # NaN when the held-out split has one class only
 ACCURACY: Final = "accuracy"
 N_EVAL: Final = "n"  # held-out cases evaluated (= num-examples of an evaluate reply)
-TRAIN_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS})
+# After a DP round: the hospital's cumulative (lifetime) epsilon at its delta, from its ledger.
+DP_EPSILON: Final = "dp-epsilon"
+DP_DELTA: Final = "dp-delta"
+TRAIN_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, DP_EPSILON,
+                                      DP_DELTA})
 EVAL_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, LOSS, AUC, ACCURACY, N_EVAL})
 
 # ---- query "data statistics": ConfigRecord "site" {"site-id"} + MetricRecord "metrics" ----
