@@ -87,7 +87,10 @@ def parameter_groups(updates: Sequence[Update], global_state: State, per_expert:
     """(keys, indices of the contributing updates, their weights) per aggregation group: every
     non-expert parameter with all updates weighted by examples; with per_expert, each routed
     expert with the updates that routed tokens to it, weighted by those tokens (an expert nobody
-    used is no group: it keeps the global copy)."""
+    used is no group: it keeps the global copy). An update without token counts (a DP round:
+    counts are data statistics outside the DP mechanism) makes every expert one group weighted by
+    examples, like the rest."""
+    per_expert = per_expert and all(u.expert_tokens for u in updates)
     examples = np.array([u.num_examples for u in updates], dtype=np.float64)
     shared: list[str] = []
     experts: dict[tuple[int, int], list[str]] = {}

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from coordinator.journal import ACCEPTED
+from coordinator.privacy_record import privacy_block
 from coordinator.run_state import RunState
 from coordinator.settings import RunSettings
 from coordinator.store import ModelStore, Version
@@ -171,6 +172,9 @@ def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunS
                 "bytes": {h: {"down": r.bytes_down, "up": r.bytes_up}
                           for h, r in rec.hospitals.items()},
                 "round_seconds": rec.seconds, "model_bytes": record_bytes(arrays),
+                "privacy": privacy_block(
+                    store.get(run.last_version).meta if run.last_version else None, rec,
+                    settings.dp_noise_multiplier, settings.dp_max_grad_norm),
             }
             state = arrays.to_torch_state_dict()
             version = store.add_version(lambda p: write_model(state, cfg, p), meta)

@@ -148,8 +148,18 @@ def train_local(
 
         secret = dpmod.secure_generator()  # batch sampling and noise: never from cfg.seed
         spend = dpmod.plan(n, cfg.batch_size, cfg.epochs, cfg.dp_noise_multiplier)
-        dp = dpmod.DPStep(opt, cfg.dp_noise_multiplier, cfg.dp_max_grad_norm,
-                          cfg.batch_size, secret)
+        dp_steps: dict[int, dpmod.DPStep] = {}
+
+        def dp_for(st: int) -> dpmod.DPStep:
+            """One DP optimiser per stage, over the parameters that stage trains: noise added
+            to a parameter no loss reaches would only move it at random (Adam scales it up)."""
+            if st not in dp_steps:
+                params = _stage_params(model, full, st, cfg)
+                opt_st = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                dp_steps[st] = dpmod.DPStep(opt_st, cfg.dp_noise_multiplier,
+                                            cfg.dp_max_grad_norm, cfg.batch_size, secret)
+            return dp_steps[st]
+        dp = dp_for
     with _deterministic():
         for epoch in range(cfg.epochs if n else 0):
             st = stage or (1 if epoch < cfg.stage1_epochs else 2)
@@ -184,11 +194,12 @@ def train_local(
                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     opt.step()
                 else:
+                    dp_st = dp(st)
                     per_case = [_loss(model, b.select(torch.tensor([i])), st, w, cfg)
                                 for i in range(len(b))]
-                    grads = dpmod.per_sample_grads(dp.params, len(b),
+                    grads = dpmod.per_sample_grads(dp_st.params, len(b),
                                                    lambda i, pc=per_case: pc[i][0])
-                    dp.step(grads, (lambda: _add_prox_grad(model, prox, cfg.fedprox_mu))
+                    dp_st.step(grads, (lambda: _add_prox_grad(model, prox, cfg.fedprox_mu))
                             if cfg.fedprox_mu > 0 and prox else None)
                     loss, parts = _mean_parts(per_case, b, mods)
                 step += 1
@@ -236,6 +247,26 @@ def _loss(model: FedsightModel, b: Batch, st: int, w: dict[str, float], cfg: Tra
         loss = main + cfg.aux_weight * loss + out.moe_loss
         parts |= {"main": main.detach(), "moe": out.moe_loss.detach()}
     return loss, parts
+
+
+def _stage_params(model: FedsightModel, full: Batch, st: int, cfg: TrainConfig
+                  ) -> list[torch.nn.Parameter]:
+    """Trainable parameters stage st can reach: all of them in stage 2 (which experts a case
+    reaches depends on its data, so every one gets noise); in stage 1 those the per-modality
+    heads reach, found by a probe pass on one case with every modality present and then absent
+    (structural: which parameters a graph contains does not depend on input values)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if st == 2 or len(full) == 0:
+        return params
+    one = full.select(torch.tensor([0]))
+    reached: set[int] = set()
+    w = {m: 1.0 for m in model.cfg.modalities}
+    for present in (True, False):
+        probe = one.with_present(torch.full_like(one.present(), present))
+        grads = torch.autograd.grad(_loss(model, probe, st, w, cfg)[0], params,
+                                    allow_unused=True)
+        reached |= {i for i, g in enumerate(grads) if g is not None}
+    return [p for i, p in enumerate(params) if i in reached]
 
 
 def _mean_parts(per_case: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], b: Batch,

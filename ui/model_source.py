@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.privacy_record import summary as privacy_summary
 from coordinator.store import CLINICAL, META, MODEL, ModelStore
 from multimodal.checkpoint import load_checkpoint
 from multimodal.model import FedsightModel
@@ -22,6 +23,7 @@ class ServedModel:
     # This hospital's validation metrics for the version (name -> value), if the store has them.
     site_metrics: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    privacy: str = privacy_summary(None, "")  # one line for the card (coordinator.privacy_record)
 
 
 def _numbers(d: Any) -> dict[str, float]:
@@ -59,4 +61,5 @@ def _from_version_dir(folder: Path, meta: dict[str, Any], site_id: str) -> Serve
     rnd = meta.get("round")
     return ServedModel(model, str(meta.get("id") or folder.name),
                        int(rnd) if isinstance(rnd, int) else None,
-                       _numbers(hospitals.get(site_id)), str(folder))
+                       _numbers(hospitals.get(site_id)), str(folder),
+                       privacy_summary(meta.get("privacy"), site_id))

@@ -209,6 +209,7 @@ class DiagnosisService:
             lines.append(f"Validation at this hospital: {', '.join(parts)}")
         else:
             lines.append("Validation at this hospital: no metrics stored for this version.")
+        lines.append(s.privacy)
         return "\n".join(lines)
 
     @staticmethod

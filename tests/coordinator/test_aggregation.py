@@ -56,3 +56,14 @@ def test_examples_mode_is_plain_fedavg() -> None:
     for key in g:
         if key != "bn.num_batches_tracked":
             np.testing.assert_allclose(out[key], 2.5)
+
+
+def test_dp_updates_without_token_counts_merge_experts_by_examples() -> None:
+    """A DP reply carries no token counts: experts are then averaged by examples (not frozen at
+    the global copy, which would leave them untrained for a whole DP run)."""
+    g = state(0.0, experts=(9.0, 9.0))
+    a = Update("a", state(1.0, experts=(1.0, 5.0)), 10)
+    b = Update("b", state(3.0, experts=(3.0, 1.0)), 30, {(0, 0): 10, (0, 1): 0})
+    out = aggregate([a, b], g, per_expert=True)
+    np.testing.assert_allclose(out[f"{E}.0.fc1.weight"], 2.5)  # (1*10 + 3*30) / 40
+    np.testing.assert_allclose(out[f"{E}.1.fc1.weight"], 2.0)  # (5*10 + 1*30) / 40

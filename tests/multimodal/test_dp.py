@@ -137,3 +137,17 @@ def test_dp_refuses_batch_norm_in_the_pathology_encoder() -> None:
     cfg = TrainConfig(epochs=1, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="path_norm 'group'"):
         train_local(model, toy_cases(4, seed=1), cfg)
+
+
+def test_a_dp_stage_one_round_leaves_the_fusion_untouched() -> None:
+    """Stage 1 trains encoders and their heads only; the DP noise must not random-walk the
+    fusion blocks, experts and fused head that no stage-1 loss reaches."""
+    model = build_model(tiny_config(), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=8, augment=False, dp_noise_multiplier=1.0,
+                      dp_max_grad_norm=1.0)
+    train_local(model, toy_cases(24, seed=1), cfg, stage=1)
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= {"encoders", "aux_heads", "missing", "type_emb"}
+    assert "encoders" in changed and "aux_heads" in changed
