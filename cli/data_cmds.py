@@ -36,10 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     from cli.fhir_cmd import register_import_fhir
     from cli.fl_cmds import register_node_start
     from cli.node_net_cmds import register_node_net
+    from cli.privacy_cmd import register_node_privacy
 
     register_node_start(node_sub)
     register_node_net(node_sub)
     register_import_fhir(node_sub)
+    register_node_privacy(node_sub)
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -101,7 +101,22 @@ def register_node_start(node_sub: argparse._SubParsersAction) -> None:
                    help="this hospital's SuperNode private key (OpenSSH ECDSA, node-<hospital> "
                    "from deploy/gen-certs.sh) when the coordinator uses --node-auth; its .pub "
                    "must be registered there; needs --tls")
+    add_privacy_args(n)
     n.set_defaults(func=_node_start)
+
+
+def add_privacy_args(p: argparse.ArgumentParser) -> None:
+    """This hospital's privacy settings (hospital_node.privacy; docs/privacy.md)."""
+    p.add_argument("--privacy-budget", type=float, default=0.0, metavar="EPSILON",
+                   help="lifetime epsilon budget of this hospital's patients; > 0 also means "
+                   "the node trains only with DP-SGD and refuses a round past the budget")
+    p.add_argument("--privacy-delta", type=float, default=None, metavar="DELTA",
+                   help="delta of the reported epsilon (default 1e-5; must be <= 1/n)")
+    p.add_argument("--privacy-ledger", type=Path, default=None, metavar="FILE",
+                   help="privacy ledger file, outside the site root (default: in --cache-dir, "
+                   "else under $XDG_STATE_HOME/fedsight/privacy)")
+    p.add_argument("--privacy-ledger-key", type=Path, default=None, metavar="KEY_FILE",
+                   help="HMAC key file (0600) for the ledger's hash chain")
 
 
 def _tls_args(p: argparse.ArgumentParser, server: bool) -> None:
@@ -114,7 +129,10 @@ def _node_start(args: argparse.Namespace) -> int:
     from ops.node_agent import NodeStart, start
 
     return start(NodeStart(args.data, args.coordinator, args.tls, args.site_id, args.cache_dir,
-                           args.port, worker=not args.no_worker, auth_key=args.auth_key))
+                           args.port, worker=not args.no_worker, auth_key=args.auth_key,
+                           privacy_budget=args.privacy_budget, privacy_delta=args.privacy_delta,
+                           privacy_ledger=args.privacy_ledger,
+                           privacy_ledger_key=args.privacy_ledger_key))
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:

@@ -245,7 +245,7 @@ def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_ste
         K.TRAIN_SECONDS: float(result.seconds),
     }
     if result.dp is not None:
-        metrics[K.TRAIN_LOSS] = math.nan
+        del metrics[K.TRAIN_LOSS]
         metrics[K.DP_EPSILON] = ledger.record(run_id, cfg.server_round, result.dp)
         metrics[K.DP_DELTA] = ledger.settings.delta
     elif result.expert_counts is not None:

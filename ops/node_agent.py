@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ops.keys import AUTH_NEEDS_TLS, check_auth_key, check_certificate
 from ops.processes import BINDIR, process_env, reap_clientapps
@@ -41,6 +42,12 @@ class NodeStart:
     # OpenSSH ECDSA private key whose public half the coordinator registered (its --node-auth).
     auth_key: Path | None = None
     backoff: Backoff = field(default_factory=Backoff)  # SuperNode restarts
+    # This hospital's privacy settings (hospital_node.privacy): lifetime epsilon budget (0 = none;
+    # > 0 also means every round must use DP), delta, ledger file and its HMAC key file.
+    privacy_budget: float = 0.0
+    privacy_delta: float | None = None
+    privacy_ledger: Path | None = None
+    privacy_ledger_key: Path | None = None
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.coordinator.rpartition(":")
@@ -84,6 +91,14 @@ def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None 
         cfg.append(f"cache-dir={_toml_str(str(spec.cache_dir.resolve()))}")
     if worker_socket is not None:
         cfg.append(f"worker-socket={_toml_str(str(worker_socket))}")
+    if spec.privacy_budget:
+        cfg.append(f"privacy-budget={float(spec.privacy_budget)!r}")
+    if spec.privacy_delta is not None:
+        cfg.append(f"privacy-delta={float(spec.privacy_delta)!r}")
+    for key, path in (("privacy-ledger", spec.privacy_ledger),
+                      ("privacy-ledger-key", spec.privacy_ledger_key)):
+        if path is not None:
+            cfg.append(f"{key}={_toml_str(str(path.resolve()))}")
     cmd = [str(BINDIR / "flower-supernode"), "--superlink",
            spec.coordinator, "--node-config", " ".join(cfg), "--port", str(spec.clientapp_port)]
     if spec.max_retries:
@@ -108,9 +123,27 @@ def prepare(spec: NodeStart) -> tuple[str, str]:
         check_auth_key(spec.auth_key)
     if not spec.data.is_dir():
         raise DataError(f"site data root {str(spec.data)!r} does not exist or is not a folder")
+    ledger = node_ledger(spec)
+    ledger.entries()  # a broken ledger is found now, not at the first round
     check_reachable(host, port)
     site_id, summary = check_data(spec.data, spec.cache_dir)
     return spec.site_id or site_id, summary
+
+
+def node_ledger(spec: NodeStart) -> Any:
+    """The hospital's privacy ledger as its SuperNode will see it (settings checked here)."""
+    from hospital_node.privacy import Ledger, PrivacySettings
+
+    node_config: dict[str, Any] = {"privacy-budget": spec.privacy_budget}
+    if spec.privacy_delta is not None:
+        node_config["privacy-delta"] = spec.privacy_delta
+    for key, path in (("privacy-ledger", spec.privacy_ledger),
+                      ("privacy-ledger-key", spec.privacy_ledger_key)):
+        if path is not None:
+            node_config[key] = str(path.resolve())
+    return Ledger(PrivacySettings.from_node_config(node_config, spec.data.resolve(),
+                                                   spec.cache_dir.resolve()
+                                                   if spec.cache_dir is not None else None))
 
 
 @dataclass(frozen=True)
