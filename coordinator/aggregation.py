@@ -11,22 +11,15 @@ their token counts arrive as metric keys `expert-tokens.{layer}.{expert}` (vocab
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vocab.records import EXPERT_TOKENS_PREFIX
+from vocab.records import EXPERT_TOKENS_PREFIX, expert_of
 
 State = Mapping[str, np.ndarray]
-_EXPERT_PARAM = re.compile(r"(?:^|\.)blocks\.(\d+)\.moe\.experts\.(\d+)\.")
-
-
-def expert_of(param_name: str) -> tuple[int, int] | None:
-    """(layer, expert) of a routed-expert parameter, None for anything else."""
-    m = _EXPERT_PARAM.search(param_name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+__all__ = ["expert_of"]  # re-exported: the naming rule lives with the wire keys (vocab.records)
 
 
 def expert_token_key(layer: int, expert: int) -> str:

@@ -20,6 +20,7 @@ from hospital_node.privacy import Ledger, PrivacySettings, default_ledger
 from vocab import records as K
 from vocab.errors import ConfigError, DataError, EhrSchemaMismatch
 from vocab.json_config import json_object
+from vocab.transport import check_transport, pack_update
 
 # Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
 DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
@@ -91,6 +92,8 @@ class RoundConfig:
     ehr_schema_hash: str = ""  # its content hash (sha256 hex)
     dp_noise_multiplier: float = 0.0  # DP-SGD (multimodal.dp); both 0 = off
     dp_max_grad_norm: float = 0.0
+    transport: str = "fp32"  # vocab.transport: fp32 | fp16 (updates up as float16)
+    sparse_experts: bool = False  # leave out experts this hospital routed no token to
 
     def __post_init__(self) -> None:
         # Wire values: echoed in a refusal that goes back to the coordinator, so keep them plain.
@@ -99,6 +102,7 @@ class RoundConfig:
         if self.ehr_schema and not SCHEMA_ID_PATTERN.fullmatch(str(self.ehr_schema)):
             raise ConfigError(f"round config ehr-schema {str(self.ehr_schema)[:80]!r} is not a "
                               "schema id")
+        check_transport(str(self.transport))
         if bool(self.ehr_schema) != bool(self.ehr_schema_hash) or (
                 self.ehr_schema_hash and not _SHA256.fullmatch(str(self.ehr_schema_hash))):
             raise ConfigError("round config needs ehr-schema and ehr-schema-hash (sha256 hex) "
@@ -112,7 +116,8 @@ class RoundConfig:
                  K.MAX_CASES: "max_cases", K.PROXIMAL_MU: "proximal_mu",
                  K.EHR_SCHEMA: "ehr_schema", K.EHR_SCHEMA_HASH: "ehr_schema_hash",
                  K.DP_NOISE_MULTIPLIER: "dp_noise_multiplier",
-                 K.DP_MAX_GRAD_NORM: "dp_max_grad_norm"}
+                 K.DP_MAX_GRAD_NORM: "dp_max_grad_norm", K.TRANSPORT: "transport",
+                 K.SPARSE_EXPERTS: "sparse_experts"}
         unknown = sorted(set(config) - set(names))
         if unknown:
             raise ConfigError(f"unknown round config key(s) {unknown}; known: {sorted(names)}")
@@ -254,6 +259,15 @@ def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_ste
     return TrainOutcome(model.state_dict(), metrics, result.global_step)
 
 
+def unchanged_experts(local: dict[str, Any], received: dict[str, Any]) -> list[str]:
+    """Routed-expert arrays bit-for-bit as received (this site sent them no token, and nothing
+    else moved them): what a sparse-experts round leaves out of the reply."""
+    import numpy as np
+
+    return [k for k, v in local.items() if K.expert_of(k) is not None
+            and np.array_equal(v, received[k].astype(v.dtype))]
+
+
 def _cells(rows: list[list[float]]) -> list[tuple[tuple[int, int], float]]:
     return [((i, j), v) for i, row in enumerate(rows) for j, v in enumerate(row)]
 
@@ -329,6 +343,8 @@ def run_task(req: TaskRequest) -> TaskResult:
         return TaskResult(evaluate(node, cfg, state))
     if req.kind == "train":
         out = train(node, cfg, state, start_step=req.start_step, run_id=req.run_id)
-        arrays = {k: v.detach().cpu().numpy() for k, v in out.state.items()}
+        local = {k: v.detach().cpu().numpy() for k, v in out.state.items()}
+        arrays = pack_update(local, req.arrays, check_transport(cfg.transport),
+                             unchanged_experts(local, req.arrays) if cfg.sparse_experts else ())
         return TaskResult(out.metrics, arrays, global_step=out.global_step)
     raise ConfigError(f"unknown task kind {req.kind!r}; expected train|evaluate|query")

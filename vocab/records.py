@@ -40,6 +40,10 @@ EHR_SCHEMA_HASH: Final = "ehr-schema-hash"
 # DP-SGD at every hospital (multimodal.dp): both 0 = off, both > 0 = on.
 DP_NOISE_MULTIPLIER: Final = "dp-noise-multiplier"
 DP_MAX_GRAD_NORM: Final = "dp-max-grad-norm"
+# How arrays travel (vocab.transport): "fp32" | "fp16" (float16 model down, float16 update up),
+# and whether a hospital leaves out the experts it routed no token to.
+TRANSPORT: Final = "transport"
+SPARSE_EXPERTS: Final = "sparse-experts"
 
 # ---- hospital -> coordinator: MetricRecord "metrics" (train and evaluate replies) ----
 TRAIN_LOSS: Final = "train-loss"
@@ -63,6 +67,16 @@ QUERY_METRIC_KEYS: Final = frozenset({
     "positives-train", "positives-test", "with-ct", "with-path", "with-ehr",
     "feedback-train", "feedback-changed",  # clinician feedback used as training labels (counts)
 })
+
+_EXPERT_PARAM = re.compile(r"(?:^|\.)blocks\.(\d+)\.moe\.experts\.(\d+)\.")
+
+
+def expert_of(param_name: str) -> tuple[int, int] | None:
+    """(layer, expert) of a routed-expert parameter (model array name), None for anything else:
+    the rule both sides use for per-expert aggregation and sparse expert transport."""
+    m = _EXPERT_PARAM.search(param_name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
 
 _EXPERT_KEY = re.compile(re.escape(EXPERT_TOKENS_PREFIX) + r"\.\d+\.\d+")
 # Site ids are hospital names chosen by hospital IT (site.json / node config), never patient data.
