@@ -103,9 +103,18 @@ class LabelModel:
             raise ConfigError(f"w_shared must be in [0, 1), got {self.w_shared!r}")
 
 
+MAX_SITES = 999
+
+
+def default_site_id(i: int) -> str:
+    """site_a .. site_z for the first 26 (as always), then site_026 .. site_998. Site knobs cycle
+    through the table above; every site draws its own patients (its own random stream)."""
+    return f"site_{chr(ord('a') + i)}" if i < 26 else f"site_{i:03d}"
+
+
 def _default_sites(n_sites: int, sizes: tuple[int, ...] | None) -> tuple[SiteConfig, ...]:
-    if not 1 <= n_sites <= 26:
-        raise ConfigError(f"n_sites must be 1..26, got {n_sites!r}")
+    if not 1 <= n_sites <= MAX_SITES:
+        raise ConfigError(f"n_sites must be 1..{MAX_SITES}, got {n_sites!r}")
     if sizes is not None and len(sizes) != n_sites:
         raise ConfigError(f"sizes has {len(sizes)} entries for {n_sites} sites")
     sites = []
@@ -113,7 +122,7 @@ def _default_sites(n_sites: int, sizes: tuple[int, ...] | None) -> tuple[SiteCon
         k = i % len(_SIZES)
         sites.append(
             SiteConfig(
-                site_id=f"site_{chr(ord('a') + i)}",
+                site_id=default_site_id(i),
                 n_cases=_SIZES[k] if sizes is None else int(sizes[i]),
                 prevalence=_PREVALENCE[k],
                 slice_thickness_mm=_SLICE_MM[k],

@@ -170,3 +170,14 @@ def test_pathology_png_is_rgb_256_with_he_colours(small_fed) -> None:
         assert dark[:, 2].mean() > dark[:, 0].mean()  # haematoxylin is blue-purple
         light = a[a.sum(1) > np.percentile(a.sum(1), 50)]  # stroma
         assert light[:, 0].mean() > light[:, 1].mean() + 40  # eosin is pink
+
+
+def test_a_federation_of_a_hundred_hospitals_has_unique_ids_and_keeps_the_first_26() -> None:
+    from synth.config import MAX_SITES
+
+    ids = [s.site_id for s in SynthConfig.default(n_sites=100).sites]
+    assert len(set(ids)) == 100
+    assert ids[:26] == [s.site_id for s in SynthConfig.default(n_sites=26).sites]
+    assert ids[0] == "site_a" and ids[25] == "site_z" and ids[26] == "site_026"
+    with pytest.raises(ConfigError, match=f"n_sites must be 1..{MAX_SITES}, got 1000"):
+        SynthConfig.default(n_sites=1000)
