@@ -6,6 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# Why a round stored no model, for statuses whose name alone does not say (coordinator.secure_agg)
+STATUS_TEXT = {
+    "secagg-failed": "secure aggregation halted: too many hospitals left the protocol",
+}
+
 
 def print_round(meta: dict[str, Any], prefix: str = "[demo]") -> None:
     """One stored version's round: time, pooled metrics, then each hospital."""
@@ -29,8 +34,10 @@ def print_run_rounds(run: Mapping[str, Any], metas: Mapping[str, dict[str, Any]]
         if meta is not None:
             print_round(meta, prefix)
             continue
-        print(f"{prefix} round {entry['round']}: {entry.get('status')}, no version stored "
-              f"(global model kept)")
+        status = entry.get("status")
+        why = STATUS_TEXT.get(str(status))
+        print(f"{prefix} round {entry['round']}: {status}{f' ({why})' if why else ''}, no "
+              f"version stored (global model kept)")
         for site, o in sorted(entry.get("hospitals", {}).items()):
             _hospital_line(prefix, site, {}, o)
 

@@ -1,6 +1,8 @@
 """One federated training run on a Flower Grid: run the strategy, store every round's model and
-record (coordinator.run_state), resume an interrupted run. Called by the ServerApp
-(coordinator.server_app)."""
+record (coordinator.run_state), resume an interrupted run. A round that stored no model (too few
+usable updates, or a secure-aggregation round whose protocol halted: "secagg-failed") is
+recorded with its status and every selected hospital's outcome; the next round starts from the
+last stored model. Called by the ServerApp (coordinator.server_app)."""
 
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
         "run_id": run.run_id, "flwr_run_id": flwr_run_id, "resumed": settings.resume,
         "after_round": offset, "num_rounds": settings.num_rounds,
         "strategy": settings.strategy, "aggregation": settings.aggregation,
-        "robust_aggregation": settings.robust_aggregation})
+        "robust_aggregation": settings.robust_aggregation,
+        "secure_aggregation": settings.secure_aggregation})
 
     strategy = build_strategy(settings, run)
     on_round_end = _round_end_hook(store, strategy, settings, cfg, run)
@@ -176,6 +179,11 @@ def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunS
                     store.get(run.last_version).meta if run.last_version else None, rec,
                     settings.dp_noise_multiplier, settings.dp_max_grad_norm),
             }
+            if settings.secure_aggregation:
+                # what the secure sum revealed (coordinator.secure_agg); no per-hospital
+                # update_norm / cosine / num-examples exist under SecAgg+
+                meta["secure_aggregation"] = dict(
+                    getattr(strategy, "secure_rounds", {}).get(rec.round, {}))
             state = arrays.to_torch_state_dict()
             version = store.add_version(lambda p: write_model(state, cfg, p), meta)
             run.last_version = version.id

@@ -8,6 +8,7 @@ Flower-style kebab-case; unknown keys are errors (a typo must not silently run t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from vocab.json_config import json_object
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 AggregationName = Literal["per-expert", "examples"]
+SECAGG_MODULUS = 2 ** 32  # Flower's SecAgg+ modulus_range (its maximum)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,17 @@ class RunSettings:
     robust_aggregation: RobustName = "none"
     robust_beta: float = 0.25
     robust_byzantine: int = 1
+    # Secure aggregation (SecAgg+, Flower's SecAggPlusWorkflow + secaggplus_mod; docs/
+    # secure_aggregation.md): the coordinator sees only the sum of the hospitals' updates, so
+    # per-hospital screening and robust-aggregation are off. Clipping range of each weighted
+    # update value, integer levels over it, seconds per protocol stage (a silent hospital is
+    # dropped after it), public caps on a hospital's num-examples and per-expert token count.
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 1.0
+    secagg_quantization_range: int = 2 ** 24
+    secagg_timeout: float = 600.0
+    secagg_example_scale: float = 10_000.0
+    secagg_token_scale: float = 1e7
     # Local training (sent to hospitals each round; defaults shared with the hospital side).
     local_epochs: int = K.DEFAULT_LOCAL_EPOCHS
     lr: float = K.DEFAULT_LR
@@ -109,14 +122,36 @@ class RunSettings:
         if not 0.0 <= self.robust_beta < 0.5 or self.robust_byzantine < 0:
             raise ConfigError(f"robust-beta must be in [0, 0.5) and robust-byzantine >= 0, got "
                               f"{self.robust_beta!r}/{self.robust_byzantine!r}")
+        self._check_secure_aggregation()
         for key in ("model_json", "train_json"):
             self.json_overrides(key)
         check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
 
+    def _check_secure_aggregation(self) -> None:
+        for key in ("secagg_clipping_range", "secagg_timeout", "secagg_example_scale",
+                    "secagg_token_scale"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{key.replace('_', '-')} must be finite and > 0, got {v!r}")
+        # SecAgg+ needs >= 3 hospitals; the modular sum (2**32) of 3 quantised values must fit
+        if not 2 <= self.secagg_quantization_range < SECAGG_MODULUS // 3:
+            raise ConfigError(f"secagg-quantization-range must be in [2, "
+                              f"{SECAGG_MODULUS // 3 - 1}] (3 hospitals x range < 2**32), got "
+                              f"{self.secagg_quantization_range!r}")
+        if self.secure_aggregation and self.robust_aggregation != "none":
+            raise ConfigError(
+                f"secure-aggregation = true needs robust-aggregation = 'none', got "
+                f"{self.robust_aggregation!r}: under secure aggregation the coordinator only "
+                "sees the sum of the hospitals' updates, and robust merges need each update")
+
     @property
     def screen_rule(self) -> ScreenRule:
+        """Under DP-SGD the direction check only records its scores: each hospital's update is
+        mostly Gaussian noise by design, so honest updates score near chance and were rejected
+        (docs/benchmarks.md, "Privacy"); size, free-rider and structure checks stay."""
+        dp = check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
         return ScreenRule(self.screen_z, self.screen_ratio, self.screen_free_ratio,
-                          self.screen_min_cosine)
+                          -math.inf if dp else self.screen_min_cosine)
 
     @property
     def robust_rule(self) -> RobustRule:

@@ -269,12 +269,32 @@ class FedsightFedAdam(FedAdam, PerExpertFedAvg):
 def build_strategy(settings: RunSettings, run: RunState, identify: Identify | None = None
                    ) -> PerExpertFedAvg:
     """The strategy named by `settings.strategy`, configured (unknown names are ConfigErrors
-    raised by RunSettings already)."""
+    raised by RunSettings already); with `secure-aggregation` its SecAgg+ variant
+    (coordinator.secure_agg)."""
     common = dict(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
                   min_train_nodes=settings.min_hospitals,
                   min_evaluate_nodes=settings.min_hospitals,
                   min_available_nodes=settings.min_hospitals)
     strategy: PerExpertFedAvg
+    if settings.secure_aggregation:
+        # coordinator.secure_agg builds on this module: imported here, not at the top
+        from coordinator.secure_agg import (
+            SecAggSettings,
+            SecureFedAdam,
+            SecureFedProx,
+            SecurePerExpertFedAvg,
+        )
+
+        secure: SecurePerExpertFedAvg
+        if settings.strategy == "fedprox":
+            secure = SecureFedProx(proximal_mu=settings.proximal_mu, **common)
+        elif settings.strategy == "fedadam":
+            secure = SecureFedAdam(eta=settings.server_lr, tau=settings.server_tau, **common)
+        else:
+            secure = SecurePerExpertFedAvg(**common)
+        secure.setup(settings, run, identify)
+        secure.setup_secure(SecAggSettings.from_run_settings(settings))
+        return secure
     if settings.strategy == "fedprox":
         strategy = FedsightFedProx(proximal_mu=settings.proximal_mu, **common)
     elif settings.strategy == "fedadam":

@@ -4,7 +4,9 @@ The task runs in the node's long-lived worker when `fedsight node start` started
 (hospital_node.worker: Flower starts a fresh process per message, the worker keeps torch and the
 model code imported), else in this process.
 
-Replies carry only the model arrays and whitelisted aggregate metrics (vocab.records). A
+Replies carry only the model arrays and whitelisted aggregate metrics (vocab.records); in a
+secure-aggregation round (run config `secure-aggregation`) the train reply is Flower's masked
+SecAgg+ vector instead (hospital_node.secure_agg, docs/secure_aggregation.md). A
 failure is logged here in full (inside the hospital) and re-raised with its exception type only,
 because Flower sends str(exception) to the coordinator and messages may name local files.
 """
@@ -31,8 +33,10 @@ from flwr.app import (  # noqa: E402
     RecordDict,
 )
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.clientapp.typing import ClientAppCallable  # noqa: E402
 
 from hospital_node import task  # noqa: E402
+from hospital_node.secure_agg import secure_train_mod  # noqa: E402
 from vocab import records as K  # noqa: E402
 from vocab.errors import public_reason  # noqa: E402
 
@@ -82,7 +86,15 @@ def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
-@app.train()
+def _secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Secure aggregation (hospital_node.secure_agg): SecAgg+ stages through Flower's
+    secaggplus_mod, plain train messages straight to `train`. Its failures are sanitised like
+    the task's (Flower sends str(exception) to the coordinator)."""
+    with _sanitised("train"):
+        return secure_train_mod(msg, context, call_next)
+
+
+@app.train(mods=[_secure_mod])
 def train(msg: Message, context: Context) -> Message:
     with _sanitised("train"):
         state = context.state.config_records.get(STATE_KEY, ConfigRecord())

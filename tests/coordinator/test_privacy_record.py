@@ -43,3 +43,17 @@ def test_a_parent_without_a_record_and_a_bare_checkpoint_claim_nothing() -> None
     assert block["complete"] is False
     assert summary(block, "a").startswith("Privacy: not differentially private")
     assert "no record" in summary(None, "a")
+
+
+def test_a_dp_run_records_direction_scores_but_does_not_reject_on_them() -> None:
+    """DP noise makes honest updates score near chance (the privacy benchmark saw every honest
+    hospital rejected); size and structure checks stay."""
+    import math
+
+    from coordinator.settings import RunSettings
+
+    plain = RunSettings().screen_rule
+    dp = RunSettings(dp_noise_multiplier=1.0, dp_max_grad_norm=1.0).screen_rule
+    assert plain.min_cosine == 0.1 and dp.min_cosine == -math.inf
+    assert (dp.z_max, dp.ratio_max, dp.free_ratio) == (plain.z_max, plain.ratio_max,
+                                                      plain.free_ratio)
