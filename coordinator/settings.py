@@ -18,6 +18,7 @@ from multimodal.config import check_dp_params
 from vocab import records as K
 from vocab.errors import ConfigError
 from vocab.json_config import json_object
+from vocab.transport import check_transport
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 AggregationName = Literal["per-expert", "examples"]
@@ -41,7 +42,15 @@ class RunSettings:
     # A round aggregates only if at least this many hospitals sent usable updates; fewer and the
     # global model is kept (the round is recorded as failed, the run goes on).
     min_hospitals: int = 2
+    # Share of the connected hospitals sampled each round to train / to evaluate (Flower's
+    # sampling): a federation of 100 hospitals need not train or evaluate all of them per round.
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    # How arrays travel (vocab.transport): "fp16" sends the model down and each update up as
+    # float16 (half the bytes); sparse-experts lets a hospital leave out the experts it did not
+    # change. Measured in docs/benchmarks.md ("Scale").
+    transport: str = "fp32"
+    sparse_experts: bool = False
     round_timeout: float = 3600.0  # seconds to wait for replies before a round moves on
     # Update screening: an update whose norm has robust z-score (median/MAD) above screen_z AND
     # is more than screen_ratio x the median norm is left out (needs >= 3 updates to judge).
@@ -105,8 +114,11 @@ class RunSettings:
             )
         if self.min_hospitals < 1:
             raise ConfigError(f"min-hospitals must be >= 1, got {self.min_hospitals!r}")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train!r}")
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key.replace('_', '-')} must be in (0, 1], got "
+                                  f"{getattr(self, key)!r}")
+        check_transport(self.transport)
         if self.screen_z <= 0 or self.screen_ratio < 1:
             raise ConfigError(
                 f"screen-z must be > 0 and screen-ratio >= 1, got {self.screen_z!r}/"
@@ -138,6 +150,11 @@ class RunSettings:
             raise ConfigError(f"secagg-quantization-range must be in [2, "
                               f"{SECAGG_MODULUS // 3 - 1}] (3 hospitals x range < 2**32), got "
                               f"{self.secagg_quantization_range!r}")
+        if self.secure_aggregation and (self.transport != "fp32" or self.sparse_experts):
+            raise ConfigError(
+                f"secure-aggregation = true needs transport = 'fp32' and sparse-experts = false "
+                f"(SecAgg+ quantises and masks the whole update itself), got "
+                f"{self.transport!r} / {self.sparse_experts!r}")
         if self.secure_aggregation and self.robust_aggregation != "none":
             raise ConfigError(
                 f"secure-aggregation = true needs robust-aggregation = 'none', got "

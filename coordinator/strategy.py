@@ -33,6 +33,7 @@ from coordinator.run_state import RunState
 from coordinator.screening import screen_updates
 from coordinator.settings import RunSettings
 from vocab import records as K
+from vocab.transport import check_transport, pack_global, unpack_update
 
 # A child of Flower's logger: shows up wherever Flower logs (SuperLink, simulation console).
 log = logging.getLogger("flwr.fedsight")
@@ -133,8 +134,25 @@ class PerExpertFedAvg(FedAvg):
         self._global = to_numpy(arrays)
         stage = 1 if self.round_offset + server_round <= self.settings.stage1_rounds else 2
         config[K.STAGE] = stage
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        return self._stamp(rec, grid, messages, arrays, train=True)
+        config[K.TRANSPORT] = self.settings.transport
+        config[K.SPARSE_EXPERTS] = self.settings.sparse_experts
+        sent = self._down(arrays)
+        messages = list(super().configure_train(server_round, sent, config, grid))
+        return self._stamp(rec, grid, messages, sent, train=True)
+
+    def _down(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global model as it travels this run (vocab.transport)."""
+        if self.settings.transport == "fp32":
+            return arrays
+        return from_numpy(pack_global(to_numpy(arrays), check_transport(self.settings.transport)))
+
+    def _local_state(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """A hospital's reply as full local weights in the global dtypes (float16 updates added
+        to the global; experts it left out, under sparse-experts, are the global copy)."""
+        experts = [k for k in self._global if K.expert_of(k) is not None] \
+            if self.settings.sparse_experts else []
+        return unpack_update(to_numpy(arrays), self._global,
+                             check_transport(self.settings.transport), experts)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -158,7 +176,7 @@ class PerExpertFedAvg(FedAvg):
             h.num_examples = int(metrics[K.NUM_EXAMPLES])
             h.train = {k: float(v) for k, v in metrics.items()
                        if k in K.TRAIN_METRIC_KEYS and k != K.NUM_EXAMPLES}
-            updates.append(Update(name, to_numpy(arrays), h.num_examples,
+            updates.append(Update(name, self._local_state(arrays), h.num_examples,
                                   parse_expert_tokens(metrics)))
         verdicts = screen_updates(updates, self._global, self.settings.screen_rule)
         for v in verdicts:
@@ -213,8 +231,9 @@ class PerExpertFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         rec = self._round(server_round)
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        return self._stamp(rec, grid, messages, arrays, train=False)
+        sent = self._down(arrays)
+        messages = list(super().configure_evaluate(server_round, sent, config, grid))
+        return self._stamp(rec, grid, messages, sent, train=False)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -271,7 +290,8 @@ def build_strategy(settings: RunSettings, run: RunState, identify: Identify | No
     """The strategy named by `settings.strategy`, configured (unknown names are ConfigErrors
     raised by RunSettings already); with `secure-aggregation` its SecAgg+ variant
     (coordinator.secure_agg)."""
-    common = dict(fraction_train=settings.fraction_train, fraction_evaluate=1.0,
+    common = dict(fraction_train=settings.fraction_train,
+                  fraction_evaluate=settings.fraction_evaluate,
                   min_train_nodes=settings.min_hospitals,
                   min_evaluate_nodes=settings.min_hospitals,
                   min_available_nodes=settings.min_hospitals)

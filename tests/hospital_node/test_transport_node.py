@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from tests.hospital_node.test_client_app import (  # noqa: F401
     config,
@@ -27,7 +27,7 @@ def test_fp16_sparse_reply_rebuilds_the_plain_reply(site: Path, tmp_path: Path  
                                        "cache-dir": str(tmp_path / "cache")})
     glob = {k: v.numpy() for k, v in global_arrays().items()}
     plain = app(message("train", RecordDict({K.ARRAYS: ArrayRecord(
-        {k: __import__("flwr").app.Array(v) for k, v in glob.items()}), K.CONFIG: config()})),
+        {k: Array(v) for k, v in glob.items()}), K.CONFIG: config()})),
         ctx())
     local = {k: a.numpy() for k, a in plain.content[K.ARRAYS].items()}
 
@@ -36,7 +36,7 @@ def test_fp16_sparse_reply_rebuilds_the_plain_reply(site: Path, tmp_path: Path  
         cfg[K.TRANSPORT], cfg[K.SPARSE_EXPERTS] = "fp16", True
         down = pack_global(glob, "fp16")
         reply = app(message("train", RecordDict({K.ARRAYS: ArrayRecord(
-            {k: __import__("flwr").app.Array(v) for k, v in down.items()}),
+            {k: Array(v) for k, v in down.items()}),
             K.CONFIG: cfg})), ctx())
         wire = {k: a.numpy() for k, a in reply.content[K.ARRAYS].items()}
         experts = {k for k in glob if K.expert_of(k) is not None}
