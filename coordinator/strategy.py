@@ -295,31 +295,24 @@ def build_strategy(settings: RunSettings, run: RunState, identify: Identify | No
                   min_train_nodes=settings.min_hospitals,
                   min_evaluate_nodes=settings.min_hospitals,
                   min_available_nodes=settings.min_hospitals)
-    strategy: PerExpertFedAvg
+    plain: type[PerExpertFedAvg] = PerExpertFedAvg
+    prox: type[PerExpertFedAvg] = FedsightFedProx
+    adam: type[PerExpertFedAvg] = FedsightFedAdam
     if settings.secure_aggregation:
         # coordinator.secure_agg builds on this module: imported here, not at the top
-        from coordinator.secure_agg import (
-            SecAggSettings,
-            SecureFedAdam,
-            SecureFedProx,
-            SecurePerExpertFedAvg,
-        )
+        from coordinator.secure_agg import SecureFedAdam, SecureFedProx, SecurePerExpertFedAvg
 
-        secure: SecurePerExpertFedAvg
-        if settings.strategy == "fedprox":
-            secure = SecureFedProx(proximal_mu=settings.proximal_mu, **common)
-        elif settings.strategy == "fedadam":
-            secure = SecureFedAdam(eta=settings.server_lr, tau=settings.server_tau, **common)
-        else:
-            secure = SecurePerExpertFedAvg(**common)
-        secure.setup(settings, run, identify)
-        secure.setup_secure(SecAggSettings.from_run_settings(settings))
-        return secure
+        plain, prox, adam = SecurePerExpertFedAvg, SecureFedProx, SecureFedAdam
+    strategy: PerExpertFedAvg
     if settings.strategy == "fedprox":
-        strategy = FedsightFedProx(proximal_mu=settings.proximal_mu, **common)
+        strategy = prox(proximal_mu=settings.proximal_mu, **common)
     elif settings.strategy == "fedadam":
-        strategy = FedsightFedAdam(eta=settings.server_lr, tau=settings.server_tau, **common)
+        strategy = adam(eta=settings.server_lr, tau=settings.server_tau, **common)
     else:
-        strategy = PerExpertFedAvg(**common)
+        strategy = plain(**common)
     strategy.setup(settings, run, identify)
+    if settings.secure_aggregation:
+        from coordinator.secure_agg import SecAggSettings
+
+        strategy.setup_secure(SecAggSettings.from_run_settings(settings))  # type: ignore[attr-defined]
     return strategy
