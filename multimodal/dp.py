@@ -15,8 +15,9 @@ Replacing them with batch-preserving equivalents (every expert on every token; e
 every case with zero inputs) would change the model and cost 8x in the experts. Instead the
 per-sample gradients are computed exactly, by one backward pass per case (`per_sample_grads`),
 which is valid for every layer because one case's forward never depends on another case's
-(GroupNorm not BatchNorm, per-sample expert capacity, per-case losses). On the small local
-batches of a hospital this costs about as much as the batched pass on CPU (docs/benchmarks.md).
+(GroupNorm not BatchNorm, per-sample expert capacity, per-case losses). Measured cost of local
+training: x2.8-3.6 the batched pass for the multimodal model, x7.5-8.3 for the tiny EHR-only
+model, which pays the per-case Python overhead in full (docs/benchmarks.md, "Privacy").
 
 Sampling is Poisson (each case joins each step's batch with probability q = batch / n), as the
 RDP analysis assumes. Batch composition and noise come from a generator seeded from the OS's
