@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vocab.errors import ConfigError
@@ -20,6 +20,7 @@ E = "blocks.0.moe.experts.3.fc1.weight"
 
 
 @settings(max_examples=300, deadline=None)
+@example(seed=0, scale=1e-4, size=3.0)  # large weights, tiny change: float32 rounding shows
 @given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-4, 1e-1), size=st.floats(0.01, 3.0))
 def test_fp16_updates_keep_three_digits_of_the_change(seed: int, scale: float,
                                                       size: float) -> None:
@@ -36,9 +37,15 @@ def test_fp16_updates_keep_three_digits_of_the_change(seed: int, scale: float,
     wire = pack_update(local, received, "fp16")
     assert wire["w"].dtype == np.float16 and wire["n"].dtype == np.int64
     merged = unpack_update(wire, glob, "fp16")
-    got = merged["w"] - glob["w"]  # what the coordinator takes as this hospital's change
+    got = merged["w"].astype(np.float64) - glob["w"]  # the change the coordinator takes
     assert merged["w"].dtype == np.float32 and merged["n"] == 9
-    np.testing.assert_allclose(got, change, rtol=2e-3, atol=float(np.abs(change).max()) * 1e-3)
+    # the hospital's real change is local - received in float32, and the coordinator stores
+    # float32 weights: both carry one float32 rounding of the weight (spacing), on top of
+    # float16's relative precision of the change itself
+    sent = local["w"].astype(np.float64) - received["w"]
+    ulp = float(np.spacing(np.abs(glob["w"]).max() + np.abs(sent).max()))
+    np.testing.assert_allclose(got, sent, rtol=2e-3,
+                               atol=float(np.abs(sent).max()) * 1e-3 + 2 * ulp)
     # sending float16 *weights* instead would err by the weights' rounding: much more for
     # weights larger than the change
     naive = local["w"].astype(np.float16).astype(np.float32) - glob["w"]
