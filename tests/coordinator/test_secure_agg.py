@@ -32,7 +32,6 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.aggregation import Update, aggregate
 from coordinator.journal import ACCEPTED, DROPPED
@@ -51,6 +50,7 @@ from coordinator.secure_agg import (
 from coordinator.settings import RunSettings
 from coordinator.strategy import build_strategy, from_numpy
 from hospital_node.secure_agg import SecureAggError, secure_train_mod, weighted_vector
+from tests.coordinator.test_strategy import identity  # noqa: F401 (autouse: Flower's task ids)
 from vocab import records as K
 from vocab.errors import ConfigError
 
@@ -61,11 +61,6 @@ SA = SecAggSettings(clip=1.0, quantization_range=2 ** 24, example_scale=1000.0,
 HOSPITALS = {11: (1, 120, 300.0, 0.0, 0.0), 12: (2, 80, 50.0, 200.0, 0.0),
              13: (3, 200, 0.0, 400.0, 0.0), 14: (4, 60, 120.0, 30.0, 0.0)}
 NAMES = {nid: f"h{nid}" for nid in HOSPITALS}
-
-
-@pytest.fixture(autouse=True)
-def identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 9, 1, 1
 
 
 def global_state() -> dict[str, np.ndarray]:
