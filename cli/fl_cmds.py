@@ -81,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--metric", default="auc", help="metric compared per hospital")
             p.add_argument("--margin", type=float, default=0.02,
                            help="allowed drop at any hospital (default 0.02)")
+            p.add_argument("--max-ece", type=float, default=None,
+                           help="also require a federated calibration with pooled ECE <= this")
             p.add_argument("--force", action="store_true", help="promote despite the check")
+        if name == "show":
+            p.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                           help="write the version's reliability diagram (PNG) to FILE")
         p.set_defaults(func=globals()[f"_models_{name}"])
 
 
@@ -266,13 +271,24 @@ def _models_show(args: argparse.Namespace) -> int:
 
     v = ModelStore(args.store).get(args.version)
     print(json.dumps({"path": str(v.path), **v.meta}, indent=2, sort_keys=True))
+    if args.plot is not None:
+        from ui.reliability import reliability_png
+
+        png = reliability_png(v.meta.get("calibration"), v.id)
+        if png is None:
+            print(f"version {v.id} has no federated calibration: no reliability diagram",
+                  file=sys.stderr)
+            return 1
+        args.plot.write_bytes(png)
+        print(f"reliability diagram written to {args.plot}", file=sys.stderr)
     return 0
 
 
 def _models_promote(args: argparse.Namespace) -> int:
     from coordinator.store import ModelStore
 
-    v = ModelStore(args.store).promote(args.version, args.metric, args.margin, args.force)
+    v = ModelStore(args.store).promote(args.version, args.metric, args.margin, args.force,
+                                       max_ece=args.max_ece)
     print(f"version {v.id} is now clinical")
     return 0
 

@@ -41,6 +41,9 @@ class RoundRecord:
     status: str = "running"  # aggregated | too-few-hospitals | running
     hospitals: dict[str, HospitalRound] = field(default_factory=dict)
     pooled: dict[str, float] = field(default_factory=dict)  # example-weighted eval means
+    # federated temperature scaling of this round's model (FederatedFit.to_meta()); {} when
+    # too few held-out cases reported their sums
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def hospital(self, name: str) -> HospitalRound:
         return self.hospitals.setdefault(name, HospitalRound())

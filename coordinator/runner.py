@@ -43,13 +43,16 @@ def initial_state(settings: RunSettings) -> dict[str, torch.Tensor]:
     return build_model(model_config(settings), seed=settings.seed).state_dict()
 
 
-def write_model(state: dict[str, torch.Tensor], cfg: Any, path: Path) -> None:
-    """model.pt in multimodal.checkpoint's format (the UI loads it with load_checkpoint)."""
+def write_model(state: dict[str, torch.Tensor], cfg: Any, path: Path,
+                temperature: float = 1.0) -> None:
+    """model.pt in multimodal.checkpoint's format (the UI loads it with load_checkpoint);
+    `temperature`: the round's federated fit (1.0 = uncalibrated, meta says which)."""
     from multimodal.checkpoint import save_checkpoint
     from multimodal.model import FedsightModel
 
     model = FedsightModel(cfg)
     model.load_state_dict(state, strict=True)
+    model.temperature = float(temperature)
     save_checkpoint(model, path)
 
 
@@ -184,8 +187,12 @@ def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunS
                 # update_norm / cosine / num-examples exist under SecAgg+
                 meta["secure_aggregation"] = dict(
                     getattr(strategy, "secure_rounds", {}).get(rec.round, {}))
+            # None: too few held-out cases reported calibration sums; the version says so and
+            # the app calls its probabilities uncalibrated (ui.model_source)
+            meta["calibration"] = rec.calibration or None
+            temperature = float(rec.calibration.get("temperature", 1.0))
             state = arrays.to_torch_state_dict()
-            version = store.add_version(lambda p: write_model(state, cfg, p), meta)
+            version = store.add_version(lambda p: write_model(state, cfg, p, temperature), meta)
             run.last_version = version.id
             run.versions.append(version.id)
             entry["version"] = version.id

@@ -197,12 +197,15 @@ class ModelStore:
         return self.get(vid) if vid else None
 
     def check_promotion(self, candidate: Version, metric: str = "auc", margin: float = 0.02,
-                        higher_is_better: bool = True) -> PromotionCheck:
-        """Refuse a candidate worse than the clinical version at any hospital by > margin."""
+                        higher_is_better: bool = True, max_ece: float | None = None
+                        ) -> PromotionCheck:
+        """Refuse a candidate worse than the clinical version at any hospital by > margin, and
+        (with max_ece) one without a federated calibration or whose pooled cross-fitted ECE
+        exceeds max_ece."""
+        reasons = calibration_reasons(candidate, max_ece) if max_ece is not None else []
         current = self.clinical_version()
         if current is None:
-            return PromotionCheck(True, ())
-        reasons = []
+            return PromotionCheck(not reasons, tuple(reasons))
         cand = candidate.hospital_metrics()
         for hospital, cur_m in sorted(current.hospital_metrics().items()):
             cur = cur_m.get(metric)
@@ -220,10 +223,11 @@ class ModelStore:
         return PromotionCheck(not reasons, tuple(reasons))
 
     def promote(self, version_id: str, metric: str = "auc", margin: float = 0.02,
-                force: bool = False, note: str = "", actor: str = "") -> Version:
+                force: bool = False, note: str = "", actor: str = "",
+                max_ece: float | None = None) -> Version:
         cand = self.get(version_id)
         self.verify(cand)
-        check = self.check_promotion(cand, metric, margin)
+        check = self.check_promotion(cand, metric, margin, max_ece=max_ece)
         if not check.ok and not force:
             raise StoreError(f"refusing to promote {cand.id}: " + "; ".join(check.reasons))
         log = self.audit_log
@@ -237,7 +241,8 @@ class ModelStore:
         _write_json(self.root / CLINICAL, {"version": cand.id, "history": history})
         log.append(audit.MODEL_PROMOTED, actor or audit.local_actor(),
                    {k: entry[k] for k in ("version", "previous", "forced", "note")}
-                   | {"metric": metric, "margin": margin, "check": list(check.reasons)})
+                   | {"metric": metric, "margin": margin, "max_ece": max_ece,
+                      "check": list(check.reasons)})
         return cand
 
     def rollback(self, actor: str = "") -> Version:
@@ -261,6 +266,20 @@ class ModelStore:
         log.append(audit.MODEL_ROLLED_BACK, actor or audit.local_actor(),
                    {"version": target.id, "previous": current})
         return target
+
+
+def calibration_reasons(version: Version, max_ece: float) -> list[str]:
+    """Why `version` fails the calibration gate ([] when it passes)."""
+    cal = version.meta.get("calibration")
+    if not isinstance(cal, dict):
+        return [f"{version.id} has no federated calibration (uncalibrated probabilities)"]
+    ece = (cal.get("pooled") or {}).get("ece_after")
+    if not isinstance(ece, int | float) or not math.isfinite(ece):
+        return [f"{version.id}: no pooled ECE in its calibration"]
+    if ece > max_ece:
+        return [f"{version.id}: pooled ECE {ece:.3f} after temperature scaling exceeds "
+                f"{max_ece}"]
+    return []
 
 
 def _json_safe(x: Any) -> Any:

@@ -32,6 +32,7 @@ from coordinator.robust import combiner
 from coordinator.run_state import RunState
 from coordinator.screening import screen_updates
 from coordinator.settings import RunSettings
+from multimodal.calibration import GridStats, fit_federated
 from vocab import records as K
 from vocab.transport import check_transport, pack_global, unpack_update
 
@@ -245,16 +246,27 @@ class PerExpertFedAvg(FedAvg):
             log.warning("round %d: hospital %s evaluation failed: %s", rec.round,
                         self.name_of(sender(msg)), _public_reason(msg))
         per_hospital: dict[str, dict[str, float]] = {}
+        calib: dict[str, GridStats] = {}
         for msg in valid:
             if K.METRICS not in msg.content.metric_records:
                 continue
-            m = {k: float(v) for k, v in msg.content[K.METRICS].items()
+            metrics = msg.content[K.METRICS]
+            m = {k: float(v) for k, v in metrics.items()
                  if k in K.EVAL_METRIC_KEYS and not isinstance(v, list)}
             m.pop(K.NUM_EXAMPLES, None)
             name = self.name_of(sender(msg))
             rec.hospital(name).eval = m
             per_hospital[name] = m
+            if K.CALIB_KEYS <= set(metrics.keys()):
+                try:
+                    calib[name] = GridStats.from_lists(
+                        metrics[K.CALIB_NLL], metrics[K.CALIB_N], metrics[K.CALIB_BINS])
+                except (TypeError, ValueError) as e:  # this hospital's sums only, not the round
+                    log.warning("round %d: hospital %s calibration sums refused: %s",
+                                rec.round, name, e)
         rec.pooled = pooled_means(per_hospital, weight_key=K.N_EVAL)
+        fit = fit_federated(calib)
+        rec.calibration = fit.to_meta() if fit is not None else {}
         rec.finished = time.time()
         if not per_hospital:
             return None

@@ -272,11 +272,15 @@ def _cells(rows: list[list[float]]) -> list[tuple[tuple[int, int], float]]:
     return [((i, j), v) for i, row in enumerate(rows) for j, v in enumerate(row)]
 
 
-def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]) -> dict[str, float]:
-    """Held-out loss / AUC / accuracy of the global model at this site (NaN when undefined)."""
+def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]
+             ) -> dict[str, Any]:
+    """Held-out loss / AUC / accuracy of the global model at this site (NaN when undefined),
+    and the calibration sums (lists of floats) of its held-out cases."""
     import torch
     import torch.nn.functional as F
 
+    from hospital_node.splits import calibration_fold
+    from multimodal.calibration import grid_stats
     from multimodal.evaluate import predict_logits
     from multimodal.metrics import auc, threshold_metrics
 
@@ -293,6 +297,11 @@ def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]) -> dic
     out[K.LOSS] = float(F.binary_cross_entropy_with_logits(logits, labels))
     out[K.AUC] = auc(y, prob)
     out[K.ACCURACY] = threshold_metrics(y, prob, 0.5)["accuracy"]
+    # Sums for federated temperature scaling of this model (coordinator picks T); raw logits:
+    # the model's own temperature is the coordinator's to set.
+    folds = [calibration_fold(c.case_id, cfg.seed) for c in data.test]
+    stats = grid_stats(logits, labels, folds).to_lists()
+    out.update({K.CALIB_NLL: stats["nll"], K.CALIB_N: stats["n"], K.CALIB_BINS: stats["bins"]})
     return out
 
 
@@ -318,7 +327,7 @@ class TaskRequest:
 
 @dataclass(frozen=True)
 class TaskResult:
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # floats; lists of floats for calibration sums
     arrays: dict[str, Any] | None = None  # numpy arrays (train)
     site_id: str = ""  # query
     global_step: int = 0  # train

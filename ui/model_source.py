@@ -24,6 +24,12 @@ class ServedModel:
     site_metrics: dict[str, float] = field(default_factory=dict)
     source: str = ""
     privacy: str = privacy_summary(None, "")  # one line for the card (coordinator.privacy_record)
+    calibration: str = ""  # one line for the card (calibration_summary)
+    calibration_meta: dict[str, Any] | None = None  # the version's meta["calibration"]
+
+    def __post_init__(self) -> None:
+        if not self.calibration:  # built by hand (tests, benchmarks): say what the model has
+            self.calibration = calibration_summary(None, "", self.model.temperature)
 
 
 def _numbers(d: Any) -> dict[str, float]:
@@ -50,7 +56,8 @@ def load_served_model(path: Path, site_id: str) -> ServedModel:
         return _from_version_dir(path, meta, site_id)
     if path.is_file():
         model = load_checkpoint(path).eval()
-        return ServedModel(model, f"file:{path.name}", source=str(path))
+        return ServedModel(model, f"file:{path.name}", source=str(path),
+                           calibration=calibration_summary(None, "", model.temperature))
     raise CheckpointError(f"no model at {str(path)!r}: expected a model store (clinical.json), "
                           "a version folder (model.pt + meta.json) or a checkpoint file")
 
@@ -59,7 +66,35 @@ def _from_version_dir(folder: Path, meta: dict[str, Any], site_id: str) -> Serve
     model = load_checkpoint(folder / MODEL).eval()
     hospitals = (meta.get("metrics") or {}).get("hospitals") or {}
     rnd = meta.get("round")
+    cal = meta.get("calibration")
+    cal = cal if isinstance(cal, dict) else None
     return ServedModel(model, str(meta.get("id") or folder.name),
                        int(rnd) if isinstance(rnd, int) else None,
                        _numbers(hospitals.get(site_id)), str(folder),
-                       privacy_summary(meta.get("privacy"), site_id))
+                       privacy_summary(meta.get("privacy"), site_id),
+                       calibration_summary(cal, site_id, model.temperature, stored=True), cal)
+
+
+def calibration_summary(cal: dict[str, Any] | None, site_id: str, temperature: float,
+                        stored: bool = False) -> str:
+    """The card's calibration line: "calibrated" only for a version whose federated fit
+    (meta["calibration"]) exists and whose checkpoint carries that T; otherwise says why not.
+    stored: the model came from a store version (which would carry a fit if it had one)."""
+    if cal is None:
+        if stored or temperature == 1.0:
+            return ("**Uncalibrated** probability: this version has no fitted temperature "
+                    "(too few held-out cases reported, or trained before calibration existed).")
+        return (f"Temperature-scaled (T = {temperature:.2f}, fitted where this checkpoint was "
+                "trained); its calibration error is not recorded.")
+    t = cal.get("temperature")
+    if not isinstance(t, int | float) or abs(float(t) - temperature) > 1e-6:
+        return ("**Uncalibrated**: the version's calibration record does not match its model "
+                f"(record T = {t!r}, model T = {temperature:.4g}).")
+    mine = (cal.get("hospitals") or {}).get(site_id)
+    where, ece = ("at this hospital", mine) if isinstance(mine, dict) else \
+        ("pooled over hospitals", cal.get("pooled") or {})
+    before, after, n = ece.get("ece_before"), ece.get("ece_after"), ece.get("n")
+    if not all(isinstance(v, int | float) for v in (before, after, n)):
+        return f"Calibrated (T = {float(t):.2f}); ECE not recorded."
+    return (f"Calibrated (federated temperature scaling, T = {float(t):.2f}); ECE {where} "
+            f"{before:.3f} before, {after:.3f} after ({int(n)} held-out cases, cross-fitted).")

@@ -57,7 +57,13 @@ DP_EPSILON: Final = "dp-epsilon"
 DP_DELTA: Final = "dp-delta"
 TRAIN_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, DP_EPSILON,
                                       DP_DELTA})
-EVAL_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, LOSS, AUC, ACCURACY, N_EVAL})
+# Federated temperature scaling (multimodal.calibration.GridStats, lists of sums over the
+# held-out cases: NLL per grid temperature, reliability-bin sums; never a case's value).
+CALIB_NLL: Final = "calib-nll"
+CALIB_N: Final = "calib-n"
+CALIB_BINS: Final = "calib-bins"
+CALIB_KEYS: Final = frozenset({CALIB_NLL, CALIB_N, CALIB_BINS})
+EVAL_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, LOSS, AUC, ACCURACY, N_EVAL, *CALIB_KEYS})
 
 # ---- query "data statistics": ConfigRecord "site" {"site-id"} + MetricRecord "metrics" ----
 SITE: Final = "site"
