@@ -39,7 +39,10 @@ case "$task" in
     ensure_venv
     .venv/bin/ruff check .
     .venv/bin/lint-imports
-    exec .venv/bin/python -m pytest "$@"
+    # Three workers, one test file each at a time (module fixtures built once): the long
+    # integration files mostly wait on real processes, so they overlap with the rest
+    # (tests/conftest.py starts them first). FEDSIGHT_TEST_WORKERS=0 runs in one process.
+    exec .venv/bin/python -m pytest -n "${FEDSIGHT_TEST_WORKERS:-3}" --dist loadfile "$@"
     ;;
   lock)
     { echo "# Full tested environment (pip freeze of a working install, Python 3.11, x86_64)."

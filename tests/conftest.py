@@ -1,0 +1,36 @@
+"""Suite-wide ordering for parallel runs (`./run.sh test` runs pytest-xdist, one worker per
+file, see run.sh): the files that mostly wait on real processes (Flower heartbeats, restarts)
+start first on their own workers, each followed by a quick file, then the rest longest first,
+so that the suite's wall time is close to its longest file rather than the sum of them all.
+Seconds are measured durations (`--durations`), only used for ordering."""
+
+from __future__ import annotations
+
+import pytest
+
+# file (relative to tests/) -> measured seconds on 2 cores; unknown files count as short
+LONG = {
+    "integration/test_chaos_netns.py": 890,
+    "integration/test_secagg.py": 490,
+    "integration/test_deployment.py": 200,
+    "integration/test_superlink_restart.py": 170,
+    "integration/test_run_lifecycle.py": 145,
+    "integration/test_resume.py": 100,
+}
+QUICK = ("vocab/", "synth/", "ops/")  # seconds each: they fill the slots behind the first three
+
+
+def _rel(item: pytest.Item) -> str:
+    path = str(item.path).replace("\\", "/")
+    return path.split("/tests/", 1)[-1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(_rel(item), []).append(item)
+    longest = sorted((f for f in files if f in LONG), key=lambda f: -LONG[f])
+    quick = [f for f in files if f.startswith(QUICK) and f not in LONG][:3]
+    rest = [f for f in files if f not in LONG and f not in quick]
+    order = longest[:3] + quick + longest[3:] + rest
+    items[:] = [item for f in order for item in files[f]]
