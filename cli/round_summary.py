@@ -17,6 +17,7 @@ def print_round(meta: dict[str, Any], prefix: str = "[demo]") -> None:
     print(f"{prefix} round {meta['round']}: version {meta['id']} in "
           f"{meta.get('round_seconds') or 0:.0f} s, pooled "
           f"{fmt_metrics(meta['metrics'].get('pooled', {}))}")
+    print(f"{prefix}   {calibration_text(meta.get('calibration'))}")
     screening = meta.get("screening", {})
     hospitals = meta["metrics"].get("hospitals", {})
     for site in sorted(set(hospitals) | set(screening)):
@@ -59,6 +60,16 @@ def outcome_text(screening: Mapping[str, Any] | None) -> str:
     if outcome == "dropped":
         return f"dropped: {reason}"
     return f"update rejected: {reason}"
+
+
+def calibration_text(cal: Mapping[str, Any] | None) -> str:
+    """'calibration: T=1.42, pooled ECE 0.081 -> 0.034 (cross-fitted, n=148)' or why none."""
+    if not isinstance(cal, Mapping):
+        return "calibration: none (too few held-out cases reported sums): uncalibrated"
+    pooled = cal.get("pooled") or {}
+    return (f"calibration: T={float(cal.get('temperature', 1)):.2f}, pooled ECE "
+            f"{pooled.get('ece_before', float('nan')):.3f} -> "
+            f"{pooled.get('ece_after', float('nan')):.3f} (cross-fitted, n={cal.get('n')})")
 
 
 def fmt_metrics(metrics: dict[str, Any]) -> str:
