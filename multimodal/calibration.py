@@ -127,6 +127,19 @@ def ece_of_bins(bins: np.ndarray) -> float:
     return float(np.abs(bins[:, 1] - bins[:, 2]).sum() / n) if n > 0 else math.nan
 
 
+def ece_noise_floor(bins: np.ndarray) -> float:
+    """The ECE a perfectly calibrated model would show on these cases by chance alone:
+    per bin E|sum y - sum p| with sum y ~ sum of Bernoulli(p), in the normal approximation
+    sqrt(2 / pi) * sqrt(n p (1 - p)) at the bin's mean p (an upper bound on the variance)."""
+    n = bins[:, 0].sum()
+    if n <= 0:
+        return math.nan
+    cnt = np.maximum(bins[:, 0], 1e-12)
+    pbar = np.clip(bins[:, 1] / cnt, 0.0, 1.0)
+    sd = np.sqrt(bins[:, 0] * pbar * (1 - pbar))
+    return float(math.sqrt(2 / math.pi) * sd.sum() / n)
+
+
 def _best(nll: np.ndarray, n: float) -> int:
     """Grid index of the lowest NLL; T = 1 when there are no cases to fit on."""
     return int(np.argmin(nll)) if n > 0 else T_ONE
@@ -136,7 +149,8 @@ def _best(nll: np.ndarray, n: float) -> int:
 class FederatedFit:
     temperature: float
     n: int
-    # per hospital (and "pooled"): ece_before (T=1, all held-out cases), ece_after (cross-fitted)
+    # per hospital (and "pooled"): ece_before (T=1, all held-out cases), ece_after (cross-fitted),
+    # ece_floor (what a perfectly calibrated model would show on as many cases), n
     ece: dict[str, dict[str, float]]
     # pooled reliability bins at T=1 and at the fitted T ((N_BINS, 3) lists), for the diagram
     bins_before: list[list[float]]
@@ -170,7 +184,8 @@ def fit_federated(per_hospital: Mapping[str, GridStats], min_cases: int = 20
     def report(s: GridStats) -> dict[str, float]:
         after = sum(s.bins[k, cross[k]] for k in range(FOLDS))
         return {"ece_before": ece_of_bins(s.bins[:, T_ONE].sum(axis=0)),
-                "ece_after": ece_of_bins(after), "n": float(s.n.sum())}
+                "ece_after": ece_of_bins(after), "ece_floor": ece_noise_floor(after),
+                "n": float(s.n.sum())}
 
     ece = {h: report(s) for h, s in sorted(per_hospital.items())}
     ece["pooled"] = report(pool)

@@ -4,6 +4,7 @@ version, or a bare checkpoint file (a locally trained model) - with its validati
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,5 +97,9 @@ def calibration_summary(cal: dict[str, Any] | None, site_id: str, temperature: f
     before, after, n = ece.get("ece_before"), ece.get("ece_after"), ece.get("n")
     if not all(isinstance(v, int | float) for v in (before, after, n)):
         return f"Calibrated (T = {float(t):.2f}); ECE not recorded."
+    floor = ece.get("ece_floor")
+    chance = (f"; about {floor:.3f} would arise by chance alone on so few cases"
+              if isinstance(floor, int | float) and math.isfinite(floor) else "")
     return (f"Calibrated (federated temperature scaling, T = {float(t):.2f}); ECE {where} "
-            f"{before:.3f} before, {after:.3f} after ({int(n)} held-out cases, cross-fitted).")
+            f"{before:.3f} before, {after:.3f} after ({int(n)} held-out cases, cross-fitted"
+            f"{chance}).")

@@ -19,6 +19,7 @@ from multimodal.calibration import (
     T_GRID,
     T_ONE,
     GridStats,
+    ece_noise_floor,
     ece_of_bins,
     fit_federated,
     fit_temperature,
@@ -137,3 +138,17 @@ def test_malformed_sums_are_refused_with_value_error(part: str, index: int, valu
     assert np.isfinite(s.nll).all() and (s.nll >= 0).all()
     assert np.allclose(s.bins[..., 0].sum(axis=2), s.n[:, None])
     assert (s.bins[..., 1:] <= s.bins[..., :1] + 1e-6).all()
+
+
+@pytest.mark.parametrize("n", [40, 160, 2000])
+def test_noise_floor_matches_simulated_calibrated_labels(n: int) -> None:
+    """The formula against labels drawn from the model's own probabilities (a calibrated
+    model), mean ECE over 2000 draws computed per case."""
+    rng = np.random.default_rng(n)
+    p = 1 / (1 + np.exp(-rng.normal(0, 1.5, n)))
+    sims = [ece_by_case(p, (rng.random(n) < p).astype(float)) for _ in range(2000)]
+    b = np.minimum((p * N_BINS).astype(int), N_BINS - 1)
+    bins = np.stack([np.bincount(b, minlength=N_BINS), np.bincount(b, weights=p,
+                     minlength=N_BINS), np.zeros(N_BINS)], axis=1)
+    # the normal approximation is looser for few cases per bin
+    assert ece_noise_floor(bins) == pytest.approx(np.mean(sims), rel=0.12 if n >= 160 else 0.3)
