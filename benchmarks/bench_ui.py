@@ -12,6 +12,12 @@
 3. The app is served on 127.0.0.1 with login; `diagnose` is called through Gradio's HTTP API the
    way the browser does (POST /gradio_api/call/diagnose, read the event stream) --calls times
    after warm-up; then through gradio_client; then click-to-rendered in headless Chromium.
+4. With --clients 1,4,10: simulated clinicians in a separate process (one thread and one logged-in
+   HTTP session each) click worklist cases, step CT slices, ask questions, send feedback and
+   upload a DICOM zip now and then, for --duration seconds per level, after the background
+   triage has precomputed the worklist. Per action: throughput and p50/p95/p99; diagnoses/s;
+   the triage cache hit rate; the server's peak RSS; the micro-batch sizes. --skip-single runs
+   only this part (no faithfulness, single-client, gradio_client or browser runs).
 Results: <out>/bench_ui.json and a markdown section printed (paste into docs/benchmarks.md).
 """
 
@@ -20,12 +26,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import resource
 import socket
 import statistics
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,204 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-pass"
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _call(client: Any, api: str, data: list[Any], session: str = "") -> list[Any]:
+    """One Gradio HTTP API call as the browser makes it (POST, then read the event stream);
+    `session`: a session hash, so that component updates (the slider's range) carry over."""
+    body: dict[str, Any] = {"data": data}
+    if session:
+        body["session_hash"] = session
+    ev = client.post(f"/gradio_api/call/{api}", json=body)
+    ev.raise_for_status()
+    event, out = "", None
+    with client.stream("GET", f"/gradio_api/call/{api}/{ev.json()['event_id']}") as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                out = json.loads(line[5:])
+                break
+    if event != "complete" or out is None:
+        raise RuntimeError(f"{api} failed: {event} {str(out)[:200]}")
+    return out
+
+
+def clinician(base: str, k: int, ids: list[str], upload: tuple[str, str, list[Any]],
+              duration_s: float, upload_every: int, clicks_only: bool = False
+              ) -> dict[str, list[float]]:
+    """One simulated clinician: sessions of (worklist click, 2 slice steps, a question,
+    feedback on every third), an upload (a worklist case's CT zip, pathology tile and EHR
+    values) instead of the click every `upload_every` sessions. `clicks_only`: worklist clicks
+    back to back (the load of the single-action baseline)."""
+    import httpx
+    from PIL import Image, PngImagePlugin
+
+    zip_path, tile_path, ehr = upload
+    tile = Image.open(tile_path)
+    tile.load()
+
+    rng = np.random.default_rng(k)
+    c = httpx.Client(base_url=base, timeout=120)
+    c.post("/login", data={"username": USER, "password": PASSWORD}).raise_for_status()
+    t: dict[str, list[float]] = {a: [] for a in ("click", "upload", "slice", "ask", "feedback")}
+    errors: list[str] = []
+    session = f"bench{k}x{os.getpid()}"
+    end = time.perf_counter() + duration_s
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+        try:
+            t0 = time.perf_counter()
+            if clicks_only:
+                _call(c, "diagnose", [ids[int(rng.integers(len(ids)))]], session)
+                t["click"].append((time.perf_counter() - t0) * 1e3)
+                continue
+            if upload_every and n % upload_every == 0:
+                # unique bytes per upload (a zip comment): Gradio stores uploads by content
+                # hash, and the app deletes an upload after use
+                buf = io.BytesIO(Path(zip_path).read_bytes())
+                with zipfile.ZipFile(buf, "a") as zf:
+                    zf.comment = f"bench {k} {n} {time.time_ns()}".encode()
+                png = io.BytesIO()
+                info = PngImagePlugin.PngInfo()
+                info.add_text("bench", f"{k} {n} {time.time_ns()}")
+                tile.save(png, format="PNG", pnginfo=info)
+                up = c.post("/gradio_api/upload", files=[
+                    ("files", ("series.zip", buf.getvalue(), "application/zip")),
+                    ("files", ("tile.png", png.getvalue(), "image/png"))])
+                up.raise_for_status()
+                zp, pp = ({"path": x, "meta": {"_type": "gradio.FileData"}} for x in up.json())
+                out = _call(c, "diagnose_upload", [[zp], pp, *ehr], session)
+                t["upload"].append((time.perf_counter() - t0) * 1e3)
+            else:
+                out = _call(c, "diagnose", [ids[int(rng.integers(len(ids)))]], session)
+                t["click"].append((time.perf_counter() - t0) * 1e3)
+            handle = out[0]
+            if not handle:  # not diagnosed (out of scope): next case
+                continue
+            top = out[3].get("maximum", 2) if isinstance(out[3], dict) else 2
+            for _ in range(2 if out[2] else 0):  # slice steps where there is a CT
+                t0 = time.perf_counter()
+                _call(c, "ct_slice", [handle, int(rng.integers(1, int(top) + 1)), 1500, -600],
+                      session)
+                t["slice"].append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            _call(c, "ask", [handle, "How sure is it?"], session)
+            t["ask"].append((time.perf_counter() - t0) * 1e3)
+            if n % 3 == 1:
+                t0 = time.perf_counter()
+                _call(c, "feedback", [handle, "agree", None, f"bench {k}-{n}"], session)
+                t["feedback"].append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
+            errors.append(f"{type(e).__name__}: {str(e)[:120]}")
+    t["errors"] = errors  # type: ignore[assignment]
+    return t
+
+
+def _client_process(base: str, n: int, ids: list[str], upload: tuple[str, str, list[Any]],
+                    duration_s: float, upload_every: int, clicks_only: bool, q: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as ex:
+        res = list(ex.map(lambda k: clinician(base, k, ids, upload, duration_s, upload_every,
+                                              clicks_only), range(n)))
+    q.put((res, time.perf_counter() - t0))
+
+
+def concurrency(base: str, service: Any, levels: list[int], duration_s: float, ids: list[str],
+                upload: tuple[str, str, list[Any]], upload_every: int,
+                clicks_only: bool = False) -> dict[str, Any]:
+    """Each level's clients run in a separate process (their HTTP and JSON work does not share
+    the server's GIL); the server's RSS is sampled every 100 ms."""
+    import multiprocessing as mp
+    import threading
+
+    from vocab.feedback_store import FeedbackStore
+
+    out: dict[str, Any] = {}
+    ctx = mp.get_context("spawn")
+    store = FeedbackStore(service.feedback_store.path)
+    for n in levels:
+        cache = service.triage_cache
+        h0, m0 = (cache.hits, cache.misses) if cache is not None else (0, 0)
+        b0 = len(service._batcher.batch_sizes)
+        fb0 = len(store.all())
+        service.timing_log.clear()
+        peak = [rss_mb()]
+        stop = threading.Event()
+
+        def sample(stop: threading.Event = stop, peak: list[float] = peak) -> None:
+            while not stop.wait(0.1):
+                peak[0] = max(peak[0], rss_mb())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        q = ctx.Queue()
+        proc = ctx.Process(target=_client_process, args=(base, n, ids, upload, duration_s,
+                                                         upload_every, clicks_only, q))
+        load0 = os.getloadavg()[0]
+        cpu0 = os.times()
+        proc.start()
+        res, wall = q.get(timeout=duration_s + 600)
+        cpu1 = os.times()
+        server_cpu_s = cpu1.user + cpu1.system - cpu0.user - cpu0.system
+        proc.join(60)
+        stop.set()
+        sampler.join()
+        merged: dict[str, list[float]] = {}
+        errors = [e for r in res for e in r.pop("errors")]
+        for r in res:
+            for a, xs in r.items():
+                merged.setdefault(a, []).extend(xs)
+        hits, misses = ((cache.hits - h0, cache.misses - m0) if cache is not None else (0, 0))
+        sizes = service._batcher.batch_sizes[b0:]
+        steps = list(service.timing_log)
+        keys = sorted({k for st in steps for k in st})
+        diagnoses = len(merged["click"]) + len(merged["upload"])
+        out[str(n)] = {
+            "wall_s": round(wall, 1), "load_avg_1min": [round(load0, 2),
+                                                        round(os.getloadavg()[0], 2)],
+            "actions_per_s": round(sum(len(v) for v in merged.values()) / wall, 1),
+            "diagnoses_per_s": round(diagnoses / wall, 1),
+            "per_action": {a: {"n": len(xs), "per_s": round(len(xs) / wall, 2),
+                               "p50_ms": round(pctl(xs, 50), 1),
+                               "p95_ms": round(pctl(xs, 95), 1),
+                               "p99_ms": round(pctl(xs, 99), 1)} for a, xs in merged.items()},
+            # CPU seconds the server process used (all threads; the clients run elsewhere),
+            # per second of wall time and per action: cost independent of the machine's load
+            "server_cpu_cores": round(server_cpu_s / wall, 2),
+            "server_cpu_ms_per_action": round(server_cpu_s * 1e3 / max(1, sum(
+                len(v) for v in merged.values())), 1),
+            "cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
+            "micro_batches": {"n": len(sizes), "mean_size": round(float(np.mean(sizes)), 2)
+                              if sizes else None, "max_size": max(sizes) if sizes else None},
+            # server-side steps of the diagnoses (clicks and uploads), medians / p95
+            "server_steps_ms": {k: [round(pctl([st[k] for st in steps if k in st], 50), 1),
+                                    round(pctl([st[k] for st in steps if k in st], 95), 1)]
+                                for k in keys},
+            "feedback_rows_written": len(store.all()) - fb0,
+            "feedback_sent": len(merged["feedback"]),
+            "server_peak_rss_mb": round(peak[0], 1),
+            "errors": len(errors), "error_examples": sorted(set(errors))[:3],
+        }
+        print(f"[bench] {n} clients: {json.dumps(out[str(n)])}", flush=True)
+    return out
+
+
+def zip_series(folder: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(dest, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"series/{f.name}")
+    return dest
 
 
 def pctl(xs: list[float], q: float) -> float:
@@ -230,25 +436,51 @@ def main() -> int:
     ap.add_argument("--skip-faithfulness", action="store_true")
     ap.add_argument("--faithfulness-model", type=Path, default=None,
                     help="checkpoint whose CT maps are scored (default: the served model)")
+    ap.add_argument("--clients", default="", help="concurrency levels, e.g. 1,4,10")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per level")
+    ap.add_argument("--upload-every", type=int, default=10,
+                    help="a clinician's every n-th session is an upload (0: none)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--clicks-only", action="store_true",
+                    help="concurrency clients only click worklist cases (no slices, questions, "
+                         "feedback, uploads)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no triage cache: every diagnosis is computed (micro-batched)")
+    ap.add_argument("--skip-single", action="store_true",
+                    help="only the concurrency levels (no faithfulness, single client, browser)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
     from explain.config import ExplainConfig
     from ui.app import build_app, serve
-    from ui.config import UiConfig, hash_password
+    from ui.config import TriageConfig, UiConfig, hash_password
     from ui.service import DiagnosisService
 
     fed = make_federation(args.out, tuple(args.sizes))
     model_path = args.model or train_model(fed, args.out, args.epochs)
     t0 = time.perf_counter()
+    levels = [int(x) for x in args.clients.split(",") if x.strip()]
+    triage = TriageConfig(cache_dir=args.out / f"triage-{time.time_ns()}", rescan_s=3600,
+                          max_batch=args.batch_size, max_wait_ms=args.batch_wait_ms) \
+        if levels and not args.cold else None  # a fresh cache: the warm-up below is measured
+    if args.cold and levels:
+        # no cache, no background work; interactive calls still go through the micro-batcher
+        triage = TriageConfig(cache=False, background=False, max_batch=args.batch_size,
+                              max_wait_ms=args.batch_wait_ms)
     service = DiagnosisService.from_paths(fed / "site_a", model_path, args.out / "cache" /
-                                          "site_a", ExplainConfig())
+                                          "site_a", ExplainConfig(), triage=triage)
     load_s = time.perf_counter() - t0
     res: dict[str, Any] = {"load_avg_start": os.getloadavg(), "threads": args.threads,
                            "model": service.served.version, "startup_load_s": round(load_s, 2),
                            "worklist_cases": len(service.worklist())}
-    if not args.skip_faithfulness:
+    if service.worker is not None:
+        # the background worker fills the triage cache (one torch thread, nice 19)
+        service.worker.idle.wait(1800)
+        res["triage_warm_s"] = round(time.perf_counter() - t0 - load_s, 1)
+        res["rss_after_warm_mb"] = round(rss_mb(), 1)
+    if not args.skip_faithfulness and not args.skip_single:
         fm = service.served.model
         if args.faithfulness_model is not None:
             from multimodal.checkpoint import load_checkpoint
@@ -258,20 +490,32 @@ def main() -> int:
     work = service.worklist()
     ids = [cid for _, cid in work]
     labels = [lab for lab, cid in work if service._cases[cid].ct is not None][:4]
-    res["png_encode_ms"] = round(png_encode_cost(service, ids[0]), 2)
+    if not args.skip_single:
+        res["png_encode_ms"] = round(png_encode_cost(service, ids[0]), 2)
 
     cfg = UiConfig(port=free_port(), users=((USER, hash_password(PASSWORD, 1000)),))
     app = build_app(service, cfg)
     serve(app, cfg, block=False)
     base = f"http://127.0.0.1:{cfg.port}"
     try:
-        res["http_api"] = http_api(base, ids, args.calls, args.warmup, service)
-        print(f"[bench] http api: {res['http_api']}", flush=True)
-        res["gradio_client"] = via_gradio_client(base + "/", ids, args.client_calls)
-        print(f"[bench] gradio_client: {res['gradio_client']}", flush=True)
-        res["browser_click_to_rendered"] = in_browser(base + "/", labels, args.clicks,
-                                                      args.out / "bench_ui_browser.png")
-        print(f"[bench] browser: {res['browser_click_to_rendered']}", flush=True)
+        if levels:
+            full = [cid for cid in ids if len(service._cases[cid].modalities()) == 3]
+            zp = zip_series(fed / "site_a" / "ct" / full[0], args.out / "upload.zip")
+            tile = next((fed / "site_a" / "pathology").glob(f"{full[0]}.*"))
+            ehr = [None if math.isnan(float(v)) else float(v)
+                   for v in service._cases[full[0]].ehr]
+            res["concurrency"] = concurrency(base, service, levels, args.duration, ids,
+                                             (str(zp), str(tile), ehr), args.upload_every,
+                                             args.clicks_only)
+            res["batch"] = {"max_batch": args.batch_size, "max_wait_ms": args.batch_wait_ms}
+        if not args.skip_single:
+            res["http_api"] = http_api(base, ids, args.calls, args.warmup, service)
+            print(f"[bench] http api: {res['http_api']}", flush=True)
+            res["gradio_client"] = via_gradio_client(base + "/", ids, args.client_calls)
+            print(f"[bench] gradio_client: {res['gradio_client']}", flush=True)
+            res["browser_click_to_rendered"] = in_browser(base + "/", labels, args.clicks,
+                                                          args.out / "bench_ui_browser.png")
+            print(f"[bench] browser: {res['browser_click_to_rendered']}", flush=True)
     finally:
         app.close()
     res["load_avg_end"] = os.getloadavg()

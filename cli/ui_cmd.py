@@ -23,22 +23,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-key", type=Path, default=None, metavar="KEY_FILE",
                    help="HMAC key file for the audit log (0600, outside the log's folder; "
                         "default $FEDSIGHT_AUDIT_KEY_FILE)")
+    p.add_argument("--login-failures", type=int, default=5, metavar="N",
+                   help="failed sign-ins per user name before it is refused for a back-off")
+    p.add_argument("--login-address-failures", type=int, default=20, metavar="N",
+                   help="failed sign-ins per client address before it is refused (higher: a "
+                        "hospital NAT puts many clinicians behind one address)")
+    p.add_argument("--login-backoff", type=float, default=30.0, metavar="SECONDS",
+                   help="first back-off; doubles per further failure up to --login-backoff-cap")
+    p.add_argument("--login-backoff-cap", type=float, default=900.0, metavar="SECONDS")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--triage-cache", type=Path, default=None,
+                   help="precomputed worklist cache (default $XDG_STATE_HOME/fedsight/<site "
+                        "hash>/triage; never inside the site root)")
+    p.add_argument("--no-triage", action="store_true",
+                   help="do not precompute the worklist in the background")
+    p.add_argument("--rescan", type=float, default=60.0, metavar="SECONDS",
+                   help="how often the site is rescanned for new or changed cases")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="most cases in one interactive micro-batch")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="longest wait for a micro-batch to fill after its first request")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="requests the server runs at once per event")
     p.set_defaults(func=_ui)
 
 
 def _ui(args: argparse.Namespace) -> int:
     launch_app(args.site, args.model, host=args.host, port=args.port, users_file=args.users,
                cache_dir=args.cache, threshold=args.threshold, threads=args.threads,
-               audit_log=args.audit_log, audit_key=args.audit_key)
+               audit_log=args.audit_log, audit_key=args.audit_key,
+               login_limits=_login_limits(args), triage=_triage(args),
+               concurrency=args.concurrency)
     return 0
+
+
+def _triage(args: argparse.Namespace) -> object:
+    from ui.config import TriageConfig, triage_cache_path
+
+    return TriageConfig(cache_dir=triage_cache_path(args.site, args.triage_cache),
+                        background=not args.no_triage, rescan_s=args.rescan,
+                        max_batch=args.batch_size, max_wait_ms=args.batch_wait_ms)
+
+
+def _login_limits(args: argparse.Namespace) -> object:
+    from ui.login_limit import LoginLimits  # light module (no gradio): errors before any work
+
+    return LoginLimits(user_failures=args.login_failures,
+                       address_failures=args.login_address_failures,
+                       backoff_s=args.login_backoff, backoff_cap_s=args.login_backoff_cap)
 
 
 def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 7860,
                users_file: Path | None = None, cache_dir: Path | None = None,
                threshold: float = 0.5, threads: int = 2, block: bool = True,
-               audit_log: Path | None = None, audit_key: Path | None = None) -> object:
+               audit_log: Path | None = None, audit_key: Path | None = None,
+               login_limits: object | None = None, triage: object | None = None,
+               concurrency: int = 16) -> object:
     """Build the service and the app and serve it; returns the app when block=False."""
     import logging
 
@@ -46,18 +87,23 @@ def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 
 
     from explain.config import ExplainConfig
     from ui.app import build_app, serve  # enforces offline mode before importing gradio
-    from ui.config import UiConfig, audit_log_path
+    from ui.config import TriageConfig, UiConfig, audit_log_path, triage_cache_path
+    from ui.login_limit import LoginLimits
     from ui.service import DiagnosisService
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(threads)
     cfg = UiConfig(host=host, port=port, users=UiConfig.load_users(users_file),
-                   audit_log=audit_log_path(site, audit_log), audit_key_file=audit_key)
+                   audit_log=audit_log_path(site, audit_log), audit_key_file=audit_key,
+                   login_limits=login_limits if isinstance(login_limits, LoginLimits)
+                   else LoginLimits(), concurrency=concurrency)
     audit = cfg.open_audit()
     if audit is not None:
         audit.check()  # a broken log stops the app at start, not at a clinician's first click
+    if not isinstance(triage, TriageConfig):  # the default: precomputed, cache by the log
+        triage = TriageConfig(cache_dir=triage_cache_path(site))
     service = DiagnosisService.from_paths(site, model, cache_dir, ExplainConfig(
-        threshold=threshold), audit=audit)
+        threshold=threshold), audit=audit, triage=triage)
     app = build_app(service, cfg)
     print(f"[ui] serving site {service.site_id} with model {service.served.version} on "
           f"http://{host}:{port}" + ("" if cfg.users else " (no login: loopback only)")

@@ -8,6 +8,7 @@ matched to one of the supported intents by keywords; anything else gets the list
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from explain.explanation import Explanation
@@ -49,12 +50,48 @@ def answer_why(e: Explanation) -> str:
     return "\n".join(lines)
 
 
-def answer_where(e: Explanation) -> str:
+@dataclass(frozen=True)
+class NativePlace:
+    """The CT map's peak in the series as acquired (the viewer computes it from the native
+    volume's affine and DICOM headers; this module only words it).
+
+    slice_index: 0-based native slice; n_slices: slices in the native stack
+    slice_label: "instance 57" / "between instances 3 and 4 (interpolated)"
+    table_mm:    patient z (LPS, + superior) of that slice's centre
+    row, column: 0-based pixel of the stored image
+    inside:      False when the peak lies outside the scanned volume (the grid's padding)
+    """
+
+    slice_index: int
+    n_slices: int
+    slice_label: str
+    table_mm: float
+    row: int
+    column: int
+    inside: bool = True
+
+
+def answer_where(e: Explanation, native: NativePlace | None = None) -> str:
     if e.ct_location is None or e.ct_top_slice is None or e.ct_map is None:
         return "This case has no CT, so there is no CT map."
     loc = e.ct_location
     n_slices = e.ct_map.shape[0]
     d, h, w = loc.voxel
+    if native is not None and loc.mm is not None:
+        x, y, z = loc.mm
+        side = "left" if x > 0 else "right"
+        text = (f"The CT attribution is strongest at {native.slice_label} (slice "
+                f"{native.slice_index + 1} of {native.n_slices} as acquired, table position "
+                f"{native.table_mm:+.1f} mm), row {native.row + 1}, column {native.column + 1}"
+                f", at patient position x {x:.0f} mm, y {y:.0f} mm, z {z:.0f} mm (LPS; the "
+                f"patient's {side} side).")
+        if not native.inside:
+            text += (" That point lies outside the scanned volume (the model grid's padding), "
+                     "so the viewer shows the nearest acquired slice.")
+        return text + (f" On the model grid that is slice {d + 1} of {n_slices}; model-grid "
+                       f"slice {e.ct_top_slice + 1} holds the most positive attribution "
+                       f"({pct(loc.slice_share)}). The viewer opens on the peak's slice; red "
+                       "marks evidence towards malignant, the yellow line the top region.")
     text = (f"The CT attribution is strongest on slice {e.ct_top_slice + 1} of {n_slices}, "
             f"which holds {pct(loc.slice_share)} of the positive attribution. The single "
             f"strongest point is slice {d + 1}, row {h + 1}, column {w + 1} of the model grid")
@@ -119,14 +156,19 @@ INTENTS: Final[dict[str, tuple[tuple[str, ...], Callable[[Explanation], str]]]] 
 QUESTIONS: Final[tuple[str, ...]] = tuple(INTENTS)
 
 
-def answer(e: Explanation, question: str) -> str:
-    """Answer `question` (one of QUESTIONS or free text) from the explanation."""
+def answer(e: Explanation, question: str, native: NativePlace | None = None) -> str:
+    """Answer `question` (one of QUESTIONS or free text) from the explanation; `native` (the
+    viewer's native geometry, when known) words "where?" in DICOM instance numbers and mm."""
     q = question.strip().lower()
+
+    def run(key: str) -> str:
+        return answer_where(e, native) if key == "Where in the CT?" else INTENTS[key][1](e)
+
     if question in INTENTS:
-        return INTENTS[question][1](e)
+        return run(question)
     # Most specific intents first: "what if ... no pathology" beats "pathology add".
     for key in ("What if we had no pathology?", "What did the pathology add?", "Where in the CT?",
                 "How sure is it?", "Why?"):
         if any(k in q for k in INTENTS[key][0]):
-            return INTENTS[key][1](e)
+            return run(key)
     return "I can answer: " + "; ".join(f'"{k}"' for k in QUESTIONS)

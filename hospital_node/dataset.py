@@ -76,7 +76,8 @@ class _CaseLoader:
                 return {}, series.problems + [DataProblem("ct.preprocess_failed",
                                                           f"{rel}: {e}", rel)]
             return {"ct": grid, "ct_affine": affine,
-                    "ct_tilt_deg": np.float64(series.tilt_deg)}, series.problems
+                    "ct_tilt_deg": np.float64(series.tilt_deg),
+                    "ct_region": np.str_(series.body_region)}, series.problems
 
         # The series rule decides what is read: a different rule is a different entry. The
         # folder is in the key too: problems name it, and a folder whose files are all refused
@@ -128,6 +129,8 @@ def _load_case(cf: CaseFiles, disc: Discovery, loader: _CaseLoader, schema_ok: b
         if "ct" in arrays:
             case.ct, case.ct_affine = arrays["ct"], arrays["ct_affine"]
             case.meta["ct_tilt_deg"] = float(arrays["ct_tilt_deg"])
+            # entries cached before the region was recorded have none: no header verdict
+            case.ct_region = str(arrays["ct_region"]) if "ct_region" in arrays else ""
         else:
             rep.excluded.append("ct")
     if cf.pathology is not None:

@@ -95,6 +95,7 @@ class Instance:
     slice_thickness: float | None
     tilt_deg: float = 0.0                      # GantryDetectorTilt (0 when absent or bad)
     transfer_syntax_compressed: bool = True    # unknown counts as compressed (no size check)
+    body_region: str = ""                      # body_region(): a fixed word, never header text
     frames: list[FrameGeom] = field(default_factory=list)
     problems: list[DataProblem] = field(default_factory=list)  # fatal ones disqualify it
 
@@ -368,6 +369,42 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
 
 
+# Body region named by the header (BodyPartExamined, ProtocolName, Study/SeriesDescription),
+# reduced to a fixed word so that no header text travels further (it may hold anything).
+# Substrings for words that are unambiguous inside compounds ("CHESTABDPELVIS"), whole tokens
+# for short ones ("HEAD" but not "FOREHEAD"-like accidents). Chest wins: a trauma or
+# chest-abdomen-pelvis study contains the chest.
+REGION_TEXT_TAGS = ("BodyPartExamined", "ProtocolName", "StudyDescription", "SeriesDescription")
+_CHEST_SUBSTR = ("CHEST", "THORA", "LUNG", "PULMO", "WHOLEBODY")
+_CHEST_TOKENS = frozenset({"THX", "TORAX", "THORAX", "WB"})
+_OTHER_REGIONS: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
+    ("head", ("BRAIN", "SKULL", "CRANI", "NEURO", "ORBIT", "SINUS", "MAXILLOFAC", "CEREB"),
+     frozenset({"HEAD", "IAC", "FACE"})),
+    ("neck", ("CERVICAL",), frozenset({"NECK"})),
+    ("abdomen", ("ABDOM", "LIVER", "KIDNEY", "RENAL", "PANCREA"), frozenset({"ABD"})),
+    ("pelvis", ("PELVI",), frozenset({"HIP"})),
+    ("spine", ("SPINE",), frozenset()),
+    ("extremity", ("EXTREMIT", "KNEE", "ANKLE", "WRIST", "ELBOW", "SHOULDER", "FOOT", "HAND"),
+     frozenset({"ARM", "LEG"})),
+)
+
+
+def body_region(ds: Dataset) -> str:
+    """'chest', another region word ('head', 'neck', 'abdomen', 'pelvis', 'spine',
+    'extremity') or '' when the header names none (absent or uninformative text)."""
+    text = " ".join(_text(ds, k) for k in REGION_TEXT_TAGS).upper()
+    if not text.strip():
+        return ""
+    squashed = "".join(ch for ch in text if ch.isalpha())
+    tokens = set("".join(ch if ch.isalpha() else " " for ch in text).split())
+    if any(w in squashed for w in _CHEST_SUBSTR) or tokens & _CHEST_TOKENS:
+        return "chest"
+    for region, substr, toks in _OTHER_REGIONS:
+        if any(w in squashed for w in substr) or tokens & toks:
+            return region
+    return ""
+
+
 def parse_instance(f: SiteFile, ds: Dataset) -> Instance:
     """Checked Instance from a header; problems (with codes) say what disqualifies it."""
     rel = f.rel
@@ -385,6 +422,7 @@ def parse_instance(f: SiteFile, ds: Dataset) -> Instance:
         number = None
     inst = Instance(f, _text(ds, "SeriesInstanceUID"), _text(ds, "SOPInstanceUID"),
                     _text(ds, "Modality"), sop_class, image_type, number, 0, 0, 0, None)
+    inst.body_region = body_region(ds)
     if inst.modality != "CT":
         inst.problems.append(DataProblem("dicom.not_ct", f"{rel}: Modality is "
                                          f"{inst.modality or 'missing'!r}, expected 'CT'", rel,

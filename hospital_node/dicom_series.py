@@ -64,6 +64,7 @@ class CtSeries:
     spacing:       (z, y, x) mm; z is the uniform stacking step along the slice normal.
     source_offsets:(N,) the original slices' positions along the normal (sorted, mm).
     tilt_deg:      angle between the stacking direction and the slice normal.
+    body_region:   the body region the headers name (a fixed word, "" when none is named).
     chosen:        how the series was chosen (for the local report), "" if there was no choice.
     problems:      every problem found; `usable` is False when any is fatal.
     """
@@ -76,6 +77,8 @@ class CtSeries:
     series_uid: str = ""
     chosen: str = ""
     problems: list[DataProblem] = field(default_factory=list)
+    # Body region the headers name (dicom_header.body_region: a fixed word, "" = none named).
+    body_region: str = ""
 
     @property
     def usable(self) -> bool:
@@ -248,8 +251,9 @@ def read_series(series: SeriesFiles, folder_rel: str) -> CtSeries:
     affine[:3, 1] = col_dir * row_sp  # moving down one row follows the column direction
     affine[:3, 2] = row_dir * col_sp
     affine[:3, 3] = positions[0]
+    region = next((i.body_region for i in series.instances if i.body_region), "")
     return CtSeries(hu.astype(np.float32, copy=False), affine, (step, row_sp, col_sp),
-                    offsets, tilt, series.uid, problems=problems)
+                    offsets, tilt, series.uid, problems=problems, body_region=region)
 
 
 def read_case_ct(scan: CaseScan, rule: SeriesRule = SeriesRule()) -> CtSeries:

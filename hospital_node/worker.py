@@ -29,7 +29,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 
 from hospital_node import task
-from vocab.errors import public_reason
+from vocab.errors import ConfigError, public_reason
 
 log = logging.getLogger("fedsight.node.worker")
 PROTOCOL = 1
@@ -116,12 +116,27 @@ def _exit_on_signals(socket: Path) -> None:
         signal.signal(sig, handler)
 
 
+# Longest Unix socket path Linux binds (sun_path is 108 bytes with the terminating NUL).
+MAX_SOCKET_PATH = 107
+
+
 def prepare_socket(folder: Path | None = None) -> Path:
-    """A fresh private folder with the socket path and its key file; returns the socket path."""
+    """A fresh private folder with the socket path and its key file; returns the socket path.
+    Without `folder`, a $TMPDIR too deep for a Unix socket path falls back to /tmp (the folder
+    is private either way); a given `folder` that is too deep is refused, naming the length."""
     import tempfile
 
+    if folder is None:
+        probe = Path(tempfile.gettempdir()) / f"{SOCKET_DIR_PREFIX}xxxxxxxx" / "worker.sock"
+        if len(os.fsencode(str(probe))) > MAX_SOCKET_PATH:
+            folder = Path("/tmp")
     base = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX, dir=folder))  # mode 0700
     socket = base / "worker.sock"
+    if len(os.fsencode(str(socket))) > MAX_SOCKET_PATH:
+        base.rmdir()
+        raise ConfigError(f"worker socket path {str(socket)!r} is {len(os.fsencode(str(socket)))}"
+                          f" bytes; Unix sockets allow {MAX_SOCKET_PATH}: choose a shorter "
+                          "folder")
     fd = os.open(key_path(socket), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secrets.token_bytes(32))

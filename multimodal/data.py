@@ -31,6 +31,8 @@ class PreparedCase:
     ehr:       (F,) float32 raw values in the schema's units, NaN where missing;
                None when the case has no EHR row at all.
     label:     0/1, or None when unknown (worklist cases).
+    ct_region: body region the CT's DICOM headers name ("chest", "head", ...; "" = none named),
+               a fixed word (hospital_node.dicom_header.body_region), never header text.
     """
 
     case_id: str
@@ -41,6 +43,7 @@ class PreparedCase:
     label: int | None = None
     site_id: str = ""
     meta: dict[str, float] = field(default_factory=dict)
+    ct_region: str = ""
 
     def modalities(self) -> tuple[str, ...]:
         present = []

@@ -8,6 +8,7 @@ diagnose, diagnose_upload, ct_slice, ask, feedback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,24 +18,37 @@ from vocab.offline import enforce_offline
 enforce_offline()  # before gradio is imported: it reads the analytics settings at import
 
 import gradio as gr  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from explain.answers import QUESTIONS  # noqa: E402
 from ui.config import UiConfig  # noqa: E402
+from ui.ct_view import DEFAULT_PRESET, WINDOW_PRESETS, FrameFiles  # noqa: E402
+from ui.login_limit import ClientAddressMiddleware, LoginLimiter, client_address  # noqa: E402
+from ui.reliability import reliability_png  # noqa: E402
 from ui.service import Diagnosis, DiagnosisService  # noqa: E402
 from vocab import audit as A  # noqa: E402
 from vocab.audit import AuditLog  # noqa: E402
 from vocab.errors import DataError  # noqa: E402
 
+WORKLIST_ORDERS = {"triage": "malignant or near the threshold first",
+                   "suspicion": "highest probability first",
+                   "uncertainty": "closest to the threshold first"}
+WORKLIST_COLUMNS = ("case", "data", "P %", "decision", "margin (pp)", "feedback")
+SHORT = {"ct": "CT", "path": "Path", "ehr": "EHR"}
 CORRECTED = {"benign (0)": 0, "malignant (1)": 1}
-# Overlays arrive at model resolution; the browser enlarges them without smoothing.
-CSS = "#ct-image img, #path-image img { image-rendering: pixelated; width: 100%; height: 100%;" \
-      " object-fit: contain; }"
+# The pathology overlay arrives at model resolution; the browser enlarges it without smoothing.
+# The CT comes at its own resolution (up to 512 px) and is scaled smoothly, as viewers do (a
+# nearest-neighbour downscale would drop pixels); the 128 px pathology tile stays crisp.
+CSS = "#ct-image img, #path-image img { width: 100%; height: 100%; object-fit: contain; }" \
+      " #path-image img { image-rendering: pixelated; }"
 
 
 def _outputs(d: Diagnosis) -> tuple[Any, ...]:
     n = max(d.n_slices, 2)  # a slider needs max > min; hidden anyway when there is no CT
+    grid = "as acquired" if d.ct_native else "model grid"
     slider = gr.Slider(minimum=1, maximum=n, step=1, value=d.ct_slice + 1,
-                       visible=d.ct_image is not None, label=f"CT slice (of {n})")
+                       visible=d.ct_image is not None, label=f"CT slice ({grid}, of {n})")
     return (d.handle, d.card_md, d.ct_image, slider, d.path_image, d.ehr_chart,
             d.modality_chart, d.modality_md, "")
 
@@ -50,17 +64,42 @@ def _user(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or "") if request is not None else ""
 
 
-def login_check(cfg: UiConfig, audit: AuditLog | None) -> Callable[[str, str], bool]:
+def login_check(cfg: UiConfig, audit: AuditLog | None, limiter: LoginLimiter | None = None
+                ) -> Callable[[str, str], bool]:
     """Gradio's auth callable: cfg.authenticate, with every attempt in the audit log (the user
-    name only; an attempt that cannot be audited is refused)."""
+    name only; an attempt that cannot be audited is refused). With a limiter, attempts over its
+    back-off are refused unchecked with HTTP 429 + Retry-After (the first refusal of each
+    back-off is audited; the rest would let a guesser flood the log)."""
 
     def check(name: str, password: str) -> bool:
-        ok = cfg.authenticate(name, password)
+        if limiter is None:
+            ok = cfg.authenticate(name, password)
+        else:
+            att = limiter.attempt(name, client_address(),
+                                  lambda: cfg.authenticate(name, password))
+            if not att.allowed:
+                wait = max(1, math.ceil(att.retry_after_s))
+                if audit is not None and att.first_refusal:
+                    audit.append(A.UI_LOGIN_THROTTLED, name[:128],
+                                 {"scope": att.scope, "retry_after_s": wait})
+                raise HTTPException(status_code=429, headers={"Retry-After": str(wait)},
+                                    detail=f"Too many failed sign-ins; try again in {wait} s.")
+            ok = att.ok
         if audit is not None:
             audit.append(A.UI_LOGIN if ok else A.UI_LOGIN_FAILED, name[:128])
         return ok
 
     return check
+
+
+def model_card_image(service: DiagnosisService) -> Any:
+    """The served version's reliability diagram as a PIL image (None without a fit)."""
+    import io
+
+    from PIL import Image
+
+    png = reliability_png(service.served.calibration_meta, service.served.version)
+    return Image.open(io.BytesIO(png)) if png is not None else None
 
 
 def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
@@ -74,6 +113,34 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
         except DataError as e:
             raise gr.Error(str(e)) from None
 
+    def worklist_table(order: str, unreviewed: bool) -> tuple[Any, Any]:
+        """The triage table (computed cases sorted by `order`, then pending ones) and the
+        dropdown's choices in the same order."""
+        table, choices = _worklist(order, unreviewed)
+        return table, gr.Dropdown(choices=choices)
+
+    def _worklist(order: str, unreviewed: bool) -> tuple[list[list[Any]], list[Any]]:
+        try:
+            rows = service.worklist_rows(order or "triage", bool(unreviewed))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        pending = "computing" if service.worker is not None else "not precomputed"
+        table = [[r["case_id"], "+".join(SHORT.get(m, m) for m in r["modalities"]),
+                  None if r["probability"] is None else round(100 * r["probability"], 1),
+                  (r["decision"] or pending) + (" (uncertain)" if r["near_threshold"]
+                                                else ""),
+                  None if r["margin"] is None else round(100 * r["margin"], 1),
+                  "yes" if r["feedback"] else ""] for r in rows]
+        labels = dict((cid, lab) for lab, cid in service.worklist())
+        choices = [(labels.get(r["case_id"], r["case_id"]), r["case_id"]) for r in rows]
+        return (table or [[""] * len(WORKLIST_COLUMNS)]), choices
+
+    def pick_row(table: Any, evt: gr.SelectData) -> str:
+        row = evt.row_value if evt.row_value else None
+        if row is None:
+            row = list(table.iloc[evt.index[0]]) if hasattr(table, "iloc") else table[evt.index[0]]
+        return str(row[0])
+
     def diagnose_upload(dicom: Any, pathology: Any, *ehr: float | None) -> tuple[Any, ...]:
         values = dict(zip(schema.names, ehr, strict=True))
         path_file = _paths(pathology)
@@ -84,13 +151,36 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
             raise gr.Error(f"Upload refused: {e}") from None
         return _outputs(d)
 
-    def ct_slice(handle: str, index: float) -> Any:
+    frames = FrameFiles()  # slice images as fast-encoded PNG files (ui.ct_view.FrameFiles)
+
+    def ct_slice(handle: str, index: float, width: float | None = None,
+                 level: float | None = None) -> tuple[Any, str]:
+        """Slice `index` (1-based) in window width/level HU (None: lung) -> (image, caption)."""
         if not handle:
-            return None
+            return None, ""
         try:
-            return service.ct_slice(handle, int(index) - 1)
+            f = service.ct_frame(handle, int(index) - 1, width, level)
         except DataError as e:
             raise gr.Error(str(e)) from None
+        return frames.write(f.image), f.label
+
+    def ct_open(handle: str, width: float | None, level: float | None) -> tuple[Any, str, Any]:
+        """A new diagnosis: its peak slice in the clinician's window, natively once read."""
+        if not handle:
+            return None, "", gr.Slider()
+        try:
+            f = service.ct_frame(handle, None, width, level)
+        except DataError:
+            return gr.Image(), "", gr.Slider()  # no CT (or closed): leave the view as it is
+        grid = "as acquired" if f.native else "model grid"
+        return frames.write(f.image), f.label, gr.Slider(minimum=1, maximum=max(f.n_slices, 2),
+                                           value=f.index + 1,
+                                           label=f"CT slice ({grid}, of {f.n_slices})")
+
+    def window_preset(name: str) -> tuple[Any, Any]:
+        w, lev = WINDOW_PRESETS.get(name, (None, None))
+        return (gr.Number(value=w), gr.Number(value=lev)) if w is not None else (
+            gr.Number(), gr.Number())
 
     def ask(handle: str, question: str) -> str:
         if not handle:
@@ -119,6 +209,16 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Worklist"):
+                    # Precomputed in the background (ui.triage): a row click is a cache read.
+                    with gr.Row():
+                        order = gr.Radio(list(WORKLIST_ORDERS), value="triage", label="Sort",
+                                         elem_id="worklist-order")
+                        unreviewed = gr.Checkbox(label="No feedback yet",
+                                                 elem_id="worklist-unreviewed")
+                    table = gr.Dataframe(_worklist("triage", False)[0],
+                                         headers=list(WORKLIST_COLUMNS), interactive=False,
+                                         elem_id="worklist-table", max_height=360)
+                    refresh = gr.Button("Refresh worklist", size="sm")
                     case = gr.Dropdown(choices=service.worklist(), label="Case",
                                        elem_id="worklist")
                     go = gr.Button("Diagnose", variant="primary", elem_id="diagnose-btn")
@@ -134,9 +234,18 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
                     with gr.Column():
                         ct_img = gr.Image(label="CT with attribution", type="numpy",
                                           format="png", interactive=False, elem_id="ct-image",
-                                          height=300)
+                                          height=480)
                         slider = gr.Slider(1, 2, step=1, value=1, label="CT slice",
                                            visible=False)
+                        ct_caption = gr.Markdown(elem_id="ct-caption")
+                        slice_no = gr.Number(visible=False, precision=0, label="CT slice (API)")
+                        with gr.Row():
+                            preset = gr.Radio([*WINDOW_PRESETS, "custom"], value=DEFAULT_PRESET,
+                                              label="Window", elem_id="ct-window")
+                            win_w = gr.Number(WINDOW_PRESETS[DEFAULT_PRESET][0], minimum=1,
+                                              maximum=8000, label="W (HU)", min_width=80)
+                            win_l = gr.Number(WINDOW_PRESETS[DEFAULT_PRESET][1], minimum=-2000,
+                                              maximum=4000, label="L (HU)", min_width=80)
                     path_img = gr.Image(label="Pathology with attribution", type="numpy",
                                         format="png", interactive=False, elem_id="path-image",
                                         height=300)
@@ -157,12 +266,43 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
                     comment = gr.Textbox(label="Comment", lines=2)
                     fb_btn = gr.Button("Send feedback")
                     fb_status = gr.Markdown()
+                with gr.Accordion("Model card: calibration", open=False):
+                    gr.Markdown(service.served.calibration, elem_id="calibration")
+                    diagram = model_card_image(service)
+                    if diagram is not None:
+                        gr.Image(diagram, type="pil", format="png", interactive=False,
+                                 label="Reliability diagram (held-out cases, all hospitals)",
+                                 elem_id="reliability", height=360)
 
         outs = [handle, card, ct_img, slider, path_img, ehr_img, mod_img, mod_md, answer_md]
         go.click(diagnose, [case], outs, api_name="diagnose")
+        wl_in, wl_out = [order, unreviewed], [table, case]
+        refresh.click(worklist_table, wl_in, wl_out, api_name="worklist")
+        order.change(worklist_table, wl_in, wl_out, api_visibility="private")
+        unreviewed.change(worklist_table, wl_in, wl_out, api_visibility="private")
+        app.load(worklist_table, wl_in, wl_out, api_visibility="private")
+        table.select(pick_row, [table], [case], api_visibility="private").then(
+            diagnose, [case], outs, api_visibility="private")
         go_up.click(diagnose_upload, [dicom, path_up, *ehr_inputs], outs,
                     api_name="diagnose_upload")
-        slider.release(ct_slice, [handle, slider], [ct_img], api_name="ct_slice")
+        # The window only re-renders the slice: the explanation is not recomputed.
+        view_in, view_out = [handle, slider, win_w, win_l], [ct_img, ct_caption]
+        slider.release(ct_slice, view_in, view_out, api_name="ct_slider",
+                       api_visibility="private")
+        # The API endpoint takes the slice as an unbounded number: the slider's range in an
+        # API session stays the one diagnose returned (the model grid while the native series
+        # is still being read), which would refuse native slice numbers beyond it.
+        slice_no.change(ct_slice, [handle, slice_no, win_w, win_l], view_out,
+                        api_name="ct_slice")
+        preset.input(window_preset, [preset], [win_w, win_l], api_visibility="private").then(
+            ct_slice, view_in, view_out, api_name="ct_window_preset", api_visibility="private")
+        for box in (win_w, win_l):
+            box.submit(ct_slice, view_in, view_out, api_name=f"ct_window_{box.label[0]}",
+                       api_visibility="private")
+            box.submit(lambda: "custom", None, [preset], api_visibility="private")
+        # A new diagnosis: caption and the clinician's current window (the service renders lung).
+        handle.change(ct_open, [handle, win_w, win_l], [*view_out, slider],
+                      api_visibility="private")
         ask_btn.click(ask, [handle, question], [answer_md], api_name="ask")
         fb_btn.click(feedback, [handle, verdict, corrected, comment], [fb_status],
                      api_name="feedback")
@@ -171,10 +311,13 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
 
 def serve(app: gr.Blocks, cfg: UiConfig, block: bool = True) -> None:
     """Launch on cfg.host:cfg.port; `block=False` returns once serving (tests)."""
-    app.queue(default_concurrency_limit=4).launch(
+    limiter = LoginLimiter(cfg.login_limits)
+    app.queue(default_concurrency_limit=cfg.concurrency).launch(
         server_name=cfg.host,
         server_port=cfg.port,
-        auth=login_check(cfg, cfg.open_audit()) if cfg.users else None,
+        auth=login_check(cfg, cfg.open_audit(), limiter) if cfg.users else None,
+        # Gradio calls auth with (name, password) only: this hands it the client address
+        app_kwargs={"middleware": [Middleware(ClientAddressMiddleware)]},
         auth_message="fedsight: sign in with your hospital account",
         max_file_size=cfg.max_file_size,
         allowed_paths=[],  # serve nothing from disk beyond Gradio's own cache

@@ -15,10 +15,11 @@ import hashlib
 import hmac
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from ui.login_limit import LoginLimits
 from vocab.audit import AuditLog
 from vocab.errors import ConfigError
 
@@ -60,6 +61,9 @@ class UiConfig:
     max_file_size: per uploaded file (Gradio enforces it before our code runs).
     audit_log: the hospital-local audit log (None: none is kept); audit_key_file: its HMAC key
     (default $FEDSIGHT_AUDIT_KEY_FILE; unkeyed when neither is set).
+    login_limits: failed-login back-off per user name and client address (ui.login_limit).
+    concurrency: requests Gradio runs at once per event (more than the micro-batch size, so
+    concurrent clicks can share a batch; model work is serialised by ui.batching.ModelLock).
     """
 
     host: str = "127.0.0.1"
@@ -69,10 +73,14 @@ class UiConfig:
     title: str = "fedsight — diagnosis"
     audit_log: Path | None = None
     audit_key_file: Path | None = None
+    login_limits: LoginLimits = field(default_factory=LoginLimits)
+    concurrency: int = 16
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0..65535, got {self.port!r}")
+        if not 1 <= self.concurrency <= 256:
+            raise ConfigError(f"concurrency must be 1..256, got {self.concurrency!r}")
         if not self.users and self.host not in ("127.0.0.1", "localhost"):
             raise ConfigError(f"refusing to serve on {self.host!r} without users: pass --users "
                               f"or set {USERS_ENV}")
@@ -107,4 +115,48 @@ def audit_log_path(site_root: Path, path: Path | None = None) -> Path:
     if path.is_relative_to(root):
         raise ConfigError(f"--audit-log {path} is inside the site data root {root}, which is "
                           "read-only to fedsight; choose another")
+    return path
+
+
+@dataclass(frozen=True)
+class TriageConfig:
+    """The precomputed worklist and the micro-batcher (docs/ui.md, "Triage and batching").
+
+    cache_dir: triage cache folder (None: `triage_cache_path` default); cache: False = no triage
+    cache at all (every diagnosis computed; benchmarks); background: compute the worklist in
+    the background; rescan_s: how often the site is rescanned for new or changed
+    cases; memory_entries: full explanations kept in memory (~0.6 MB each at the default grid);
+    max_batch / max_wait_ms: an interactive micro-batch closes at max_batch cases or max_wait_ms
+    after its first request, whichever comes first.
+    """
+
+    cache_dir: Path | None = None
+    cache: bool = True
+    background: bool = True
+    rescan_s: float = 60.0
+    memory_entries: int = 128
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 256:
+            raise ConfigError(f"max_batch must be 1..256, got {self.max_batch!r}")
+        if not 0.0 <= self.max_wait_ms <= 1000.0:
+            raise ConfigError(f"max_wait_ms must be 0..1000, got {self.max_wait_ms!r}")
+        if not self.rescan_s > 0:
+            raise ConfigError(f"rescan_s must be > 0, got {self.rescan_s!r}")
+        if self.memory_entries < 0:
+            raise ConfigError(f"memory_entries must be >= 0, got {self.memory_entries!r}")
+
+
+def triage_cache_path(site_root: Path, path: Path | None = None) -> Path:
+    """`path`, or `$XDG_STATE_HOME/fedsight/<site hash>/triage` (next to the audit log);
+    ConfigError if it is inside the site root."""
+    root = Path(site_root).expanduser().resolve()
+    if path is None:
+        path = audit_log_path(root).parent / "triage"
+    path = Path(path).expanduser().resolve()
+    if path.is_relative_to(root):
+        raise ConfigError(f"--triage-cache {path} is inside the site data root {root}, which "
+                          "is read-only to fedsight; choose another")
     return path

@@ -9,13 +9,13 @@ import math
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 
-from hospital_node.dicom_series import read_ct_series
+from hospital_node.dicom_series import CtSeries, read_ct_series
 from hospital_node.pathology import read_tile
 from hospital_node.preprocess import ct_to_grid, path_to_tensor
 from multimodal.data import PreparedCase
@@ -57,6 +57,15 @@ def _extract_zip(zpath: Path, dest: Path) -> None:
 def read_dicom_upload(files: Sequence[Path], inputs: InputConfig
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Uploaded DICOM files (or one zip of them) -> (CT grid (D, H, W), grid affine)."""
+    grid, affine, _ = read_dicom_upload_region(files, inputs)
+    return grid, affine
+
+
+def read_dicom_upload_region(files: Sequence[Path], inputs: InputConfig,
+                             read_ct: Callable[[Path], CtSeries] = read_ct_series
+                             ) -> tuple[np.ndarray, np.ndarray, str]:
+    """As read_dicom_upload, plus the body region the headers name (a fixed word or "").
+    `read_ct`: the series reader (the viewer's keeps the native volume before the files go)."""
     if not files:
         raise UploadError("no CT files were uploaded")
     work = Path(tempfile.mkdtemp(prefix="fedsight-upload-"))
@@ -67,11 +76,11 @@ def read_dicom_upload(files: Sequence[Path], inputs: InputConfig
                 _extract_zip(f, work)
             else:
                 shutil.copyfile(f, work / f"{i:05d}_{f.name}")
-        series = read_ct_series(work)
+        series = read_ct(work)
         if not series.usable:
             raise UploadError(f"the CT series cannot be used: {_problems_text(series.problems)}")
         try:
-            return ct_to_grid(series, inputs)
+            return (*ct_to_grid(series, inputs), series.body_region)
         except (DataError, ValueError, RuntimeError) as e:
             raise UploadError(f"the CT series could not be resampled: {e}") from None
     finally:
@@ -117,12 +126,14 @@ def parse_ehr_form(values: Mapping[str, float | int | str | None], schema: EhrSc
 
 def case_from_upload(case_id: str, dicom_files: Sequence[Path], pathology: Path | None,
                      ehr_values: Mapping[str, float | int | str | None], inputs: InputConfig,
-                     schema: EhrSchema) -> PreparedCase:
+                     schema: EhrSchema, read_ct: Callable[[Path], CtSeries] = read_ct_series
+                     ) -> PreparedCase:
     """Build the case, then delete every uploaded file (also when the upload is refused)."""
     try:
         case = PreparedCase(case_id)
         if dicom_files:
-            case.ct, case.ct_affine = read_dicom_upload(dicom_files, inputs)
+            case.ct, case.ct_affine, case.ct_region = read_dicom_upload_region(
+                dicom_files, inputs, read_ct)
         if pathology is not None:
             case.path = read_pathology_upload(pathology, inputs)
         case.ehr = parse_ehr_form(ehr_values, schema)

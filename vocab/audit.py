@@ -42,12 +42,14 @@ MODEL_PROMOTED: Final = "model.promoted"
 MODEL_ROLLED_BACK: Final = "model.rolled_back"
 UI_LOGIN: Final = "ui.login"
 UI_LOGIN_FAILED: Final = "ui.login_failed"
+UI_LOGIN_THROTTLED: Final = "ui.login_throttled"  # refused unchecked: too many failures (back-off)
 UI_DIAGNOSIS: Final = "ui.diagnosis"
 UI_FEEDBACK: Final = "ui.feedback"
+UI_NOT_DIAGNOSED: Final = "ui.not_diagnosed"  # refused as out of scope (explain.scope)
 PRIVACY_ROUND: Final = "privacy.round"  # a hospital's privacy ledger (hospital_node.privacy)
 KINDS: Final = (RUN_STARTED, RUN_FINISHED, RUN_FAILED, ROUND_COMPLETED, MODEL_PROMOTED,
                 MODEL_ROLLED_BACK, UI_LOGIN, UI_LOGIN_FAILED, UI_DIAGNOSIS, UI_FEEDBACK,
-                PRIVACY_ROUND)
+                PRIVACY_ROUND, UI_NOT_DIAGNOSED, UI_LOGIN_THROTTLED)
 
 GENESIS: Final = "0" * 64
 FIELDS: Final = ("seq", "time", "kind", "actor", "data", "prev", "hash")

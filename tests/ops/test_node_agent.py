@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,47 @@ def _pids_naming(needle: str) -> list[int]:
     return out
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A $TMPDIR short enough for the worker's Unix socket path (pytest's own tmp_path under
+    xdist is not: prepare_socket would fall back to /tmp, outside what the test watches)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fsn-", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_deep_tmpdir_falls_back_to_tmp_and_a_deep_folder_is_refused(tmp_path: Path) -> None:
+    from hospital_node.worker import MAX_SOCKET_PATH, prepare_socket, remove_socket_dir
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"bytes; Unix sockets allow {MAX_SOCKET_PATH}"):
+        prepare_socket(deep)
+    assert list(deep.iterdir()) == []  # nothing left behind
+    old = os.environ.get("TMPDIR")
+    import tempfile
+
+    os.environ["TMPDIR"] = str(deep)
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        socket = prepare_socket()
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = old
+        tempfile.tempdir = None
+    try:
+        assert socket.parent.parent == Path("/tmp") and len(str(socket)) <= MAX_SOCKET_PATH
+    finally:
+        remove_socket_dir(socket)
+
+
 def _wait_until(cond, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while not cond():
@@ -216,9 +258,9 @@ FAILING_SUPERNODE = "import sys; sys.exit(3)"
 
 
 @pytest.mark.parametrize("how", ["sigterm-agent", "sigint-group", "supernode-fails"])
-def test_node_start_leaves_no_socket_folder(tmp_path: Path, how: str) -> None:
-    tmp, log = tmp_path / "tmp", tmp_path / "node.log"
-    tmp.mkdir()
+def test_node_start_leaves_no_socket_folder(tmp_path: Path, how: str,
+                                            short_tmp: Path) -> None:
+    tmp, log = short_tmp, tmp_path / "node.log"
     supernode = FAILING_SUPERNODE if how == "supernode-fails" else SLEEPING_SUPERNODE
     with log.open("w") as out:
         node = subprocess.Popen([sys.executable, "-c", DRIVER, supernode], cwd=REPO,

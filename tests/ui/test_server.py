@@ -50,7 +50,7 @@ def test_diagnose_worklist_case_and_send_feedback(client, site_root: Path):
     cid = ct_case_with_ct(site_root)
     out = client.predict(cid, api_name="/diagnose")
     handle, card, ct_img = out[0], out[1], out[2]
-    assert handle and "Calibrated probability" in card
+    assert handle and "Probability of malignancy" in card
     assert Path(ct_img).is_file() and Path(ct_img).stat().st_size > 500
     answer = client.predict(handle, "What if we had no pathology?", api_name="/ask")
     assert "%" in answer
@@ -68,7 +68,7 @@ def test_upload_dicom_zip(client, site_root: Path, tmp_path: Path):
     z = zip_series(site_root / "ct" / ct_case_with_ct(site_root), tmp_path / "series.zip")
     out = client.predict([handle_file(str(z))], None, 70, 1, 40, 1, 8.0, None, None, None,
                          api_name="/diagnose_upload")
-    assert "Calibrated probability" in out[1] and out[2] is not None
+    assert "Probability of malignancy" in out[1] and out[2] is not None
 
 
 def test_broken_upload_gives_the_error_and_server_keeps_serving(client, site_root: Path,
@@ -82,7 +82,7 @@ def test_broken_upload_gives_the_error_and_server_keeps_serving(client, site_roo
         client.predict([handle_file(str(bad))], None, *([None] * 8),
                        api_name="/diagnose_upload")
     out = client.predict(ct_case_with_ct(site_root), api_name="/diagnose")
-    assert "Calibrated probability" in out[1]
+    assert "Probability of malignancy" in out[1]
 
 
 def test_login_is_required(server: str):
@@ -115,7 +115,7 @@ def test_browser_login_open_case_see_diagnosis(server: str, site_root: Path):
             page.get_by_role("option", name=cid).first.click()
             t0 = time.perf_counter()
             page.locator("#diagnose-btn").click()
-            expect(page.locator("#card")).to_contain_text("Calibrated probability",
+            expect(page.locator("#card")).to_contain_text("Probability of malignancy",
                                                           timeout=60_000)
             img = page.locator("#ct-image img")
             expect(img).to_be_visible(timeout=30_000)
