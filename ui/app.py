@@ -37,6 +37,8 @@ WORKLIST_ORDERS = {"triage": "malignant or near the threshold first",
 WORKLIST_COLUMNS = ("case", "data", "P %", "decision", "margin (pp)", "feedback")
 SHORT = {"ct": "CT", "path": "Path", "ehr": "EHR"}
 CORRECTED = {"benign (0)": 0, "malignant (1)": 1}
+NO_DIAGNOSIS = ("No diagnosis is open: diagnose a case first (a case refused as out of scope "
+                "has no diagnosis to ask about or give feedback on).")
 # The pathology overlay arrives at model resolution; the browser enlarges it without smoothing.
 # The CT comes at its own resolution (up to 512 px) and is scaled smoothly, as viewers do (a
 # nearest-neighbour downscale would drop pixels); the 128 px pathology tile stays crisp.
@@ -141,7 +143,8 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
             row = list(table.iloc[evt.index[0]]) if hasattr(table, "iloc") else table[evt.index[0]]
         return str(row[0])
 
-    def diagnose_upload(dicom: Any, pathology: Any, *ehr: float | None) -> tuple[Any, ...]:
+    def diagnose_upload(dicom: Any, pathology: Any, *ehr: str | float | None
+                        ) -> tuple[Any, ...]:
         values = dict(zip(schema.names, ehr, strict=True))
         path_file = _paths(pathology)
         try:
@@ -184,7 +187,7 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
 
     def ask(handle: str, question: str) -> str:
         if not handle:
-            raise gr.Error("Diagnose a case first.")
+            raise gr.Error(NO_DIAGNOSIS)
         try:
             return service.ask(handle, question or "")
         except DataError as e:
@@ -193,7 +196,7 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
     def feedback(handle: str, verdict: str, corrected: str | None, comment: str,
                  request: gr.Request) -> str:
         if not handle:
-            raise gr.Error("Diagnose a case first.")
+            raise gr.Error(NO_DIAGNOSIS)
         if verdict not in ("agree", "disagree"):
             raise gr.Error("Choose agree or disagree.")
         try:
@@ -225,7 +228,11 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
                 with gr.Tab("Upload"):
                     dicom = gr.File(label="CT: DICOM files or one .zip", file_count="multiple")
                     path_up = gr.File(label="Pathology image (PNG/TIFF)", file_count="single")
-                    ehr_inputs = [gr.Number(label=f"{f.name} ({f.unit})", value=None)
+                    # Text, not gr.Number: the browser sends an untouched number box as 0,
+                    # which is a value (age 0 was refused; cea 0 would be believed). Empty =
+                    # not recorded; parse_ehr_form names a field that is not a number.
+                    ehr_inputs = [gr.Textbox(label=f"{f.name} ({f.unit})", value="",
+                                             placeholder="not recorded", max_lines=1)
                                   for f in schema.fields]
                     go_up = gr.Button("Diagnose upload", variant="primary")
             with gr.Column(scale=2):

@@ -130,6 +130,12 @@ def case_from_upload(case_id: str, dicom_files: Sequence[Path], pathology: Path 
                      ) -> PreparedCase:
     """Build the case, then delete every uploaded file (also when the upload is refused)."""
     try:
+        # Gradio stores identical bytes uploaded at the same moment as one file: the first
+        # request to finish deletes it for both (the deletion is the privacy rule, kept).
+        gone = [f for f in [*dicom_files, *([pathology] if pathology else [])]
+                if not Path(f).is_file()]
+        if gone:
+            raise FileNotFoundError(len(gone))
         case = PreparedCase(case_id)
         if dicom_files:
             case.ct, case.ct_affine, case.ct_region = read_dicom_upload_region(
@@ -141,6 +147,10 @@ def case_from_upload(case_id: str, dicom_files: Sequence[Path], pathology: Path 
             raise UploadError("nothing to diagnose: upload a CT series, a pathology image or "
                               "fill in at least one EHR field")
         return case
+    except FileNotFoundError:  # before or while reading: the other request deleted it
+        raise UploadError("an uploaded file is no longer on the server (the same file was "
+                          "uploaded twice at once, or the upload expired); upload it again"
+                          ) from None
     finally:
         for f in [*dicom_files, *([pathology] if pathology is not None else [])]:
             Path(f).unlink(missing_ok=True)

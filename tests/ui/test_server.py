@@ -66,9 +66,15 @@ def test_upload_dicom_zip(client, site_root: Path, tmp_path: Path):
     from gradio_client import handle_file
 
     z = zip_series(site_root / "ct" / ct_case_with_ct(site_root), tmp_path / "series.zip")
-    out = client.predict([handle_file(str(z))], None, 70, 1, 40, 1, 8.0, None, None, None,
+    out = client.predict([handle_file(str(z))], None, "70", "1", "40", "1", "8.0", "", "", "",
                          api_name="/diagnose_upload")
     assert "Probability of malignancy" in out[1] and out[2] is not None
+    # the form left empty (as the browser sends it): a CT-only diagnosis, no EHR refusal
+    z2 = zip_series(site_root / "ct" / ct_case_with_ct(site_root), tmp_path / "series2.zip")
+    out = client.predict([handle_file(str(z2))], None, *([""] * 8),
+                         api_name="/diagnose_upload")
+    assert "Probability of malignancy" in out[1]
+    assert "EHR" in out[1].split("**missing:**")[1].splitlines()[0]
 
 
 def test_broken_upload_gives_the_error_and_server_keeps_serving(client, site_root: Path,

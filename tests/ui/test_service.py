@@ -54,6 +54,35 @@ def test_upload_zip_and_files_are_deleted(service: DiagnosisService, site_root: 
     assert not z.exists() and not tile.exists()  # uploads deleted after use
 
 
+def test_the_same_upload_twice_at_once_refuses_the_second_clearly(
+        service: DiagnosisService, site_root: Path, tmp_path: Path):
+    """Gradio keeps identical bytes uploaded together as one file; the first request deletes
+    it after use. The second gets a readable refusal, not a FileNotFoundError."""
+    import threading
+
+    cid = ct_case_with_ct(site_root)
+    z = zip_series(site_root / "ct" / cid, tmp_path / "series.zip")
+    results: list[object] = []
+
+    def upload() -> None:
+        try:
+            results.append(service.diagnose_upload([z], None, {}))
+        except Exception as e:  # noqa: BLE001 - the type is what is checked
+            results.append(e)
+
+    threads = [threading.Thread(target=upload) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(results) == 2 and all(isinstance(e, UploadError) for e in errors), errors
+    # whichever way the race went, a refusal says what happened (a zip read while it is being
+    # deleted can also look truncated)
+    assert all("no longer on the server" in str(e) or "zip" in str(e) for e in errors), errors
+    assert not z.exists()
+
+
 @pytest.mark.parametrize("kind", ["not_dicom", "missing_slices", "not_ct_zip", "tiny_image",
                                   "ehr_range", "broken_zip"])
 def test_bad_uploads_are_refused_with_a_reason(service: DiagnosisService, site_root: Path,
