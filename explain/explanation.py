@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -136,17 +137,25 @@ def explain_case(model: FedsightModel, case: PreparedCase, cfg: ExplainConfig,
     tokens = image_tokens(model, batch, tokens)  # nothing left to compute unless no gradients
     # one pass: every modality subset, the case as it is (last subset), every EHR field ablated
     subsets, experts, ehr_contrib = subset_values(model, batch, tokens, ehr_fields=True)
+    t["forward_shapley_ehr"] = (time.perf_counter() - t0) * 1e3
+    return _assemble(model, case, cfg, model_version, present, {"ct": ct_map, "path": path_map},
+                     (loc, top), (subsets, experts, ehr_contrib), t)
+
+
+def _assemble(model: FedsightModel, case: PreparedCase, cfg: ExplainConfig, model_version: str,
+              present: tuple[str, ...], maps: dict[str, np.ndarray | None],
+              location: tuple[CtLocation | None, int | None],
+              values: tuple[list[Any], list[Any], Any], timings: dict[str, float]
+              ) -> Explanation:
+    """One case's Explanation from its passes (shared by explain_case and explain_cases)."""
+    subsets, experts, ehr_contrib = values
     logit = subsets[-1].logit
-    contrib_m = shapley(subsets)
     ehr: tuple[FieldContribution, ...] = ()
     if ehr_contrib is not None and case.ehr is not None:
         ehr = tuple(
             FieldContribution(f.name, f.unit, None if math.isnan(float(v)) else float(v),
                               float(c))
-            for f, v, c in zip(model.schema.fields, case.ehr, ehr_contrib, strict=True)
-        )
-    t["forward_shapley_ehr"] = (time.perf_counter() - t0) * 1e3
-
+            for f, v, c in zip(model.schema.fields, case.ehr, ehr_contrib, strict=True))
     return Explanation(
         model_version=model_version,
         probability=1.0 / (1.0 + math.exp(-logit)),
@@ -156,15 +165,15 @@ def explain_case(model: FedsightModel, case: PreparedCase, cfg: ExplainConfig,
         uncertain_band=cfg.uncertain_band,
         present=present,
         missing=tuple(m for m in MODALITIES if m not in present),
-        ct_map=ct_map,
-        ct_location=loc,
-        ct_top_slice=top,
-        path_map=path_map,
+        ct_map=maps.get("ct"),
+        ct_location=location[0],
+        ct_top_slice=location[1],
+        path_map=maps.get("path"),
         ehr=ehr,
         subsets=tuple(subsets),
-        modality_contrib=contrib_m,
+        modality_contrib=shapley(subsets),
         experts=tuple(experts),
-        timings_ms=t,
+        timings_ms=timings,
     )
 
 
@@ -196,34 +205,6 @@ def explain_cases(model: FedsightModel, cases: list[PreparedCase], cfg: ExplainC
     rows = batch_subset_values(model, batch, tokens)
     t["forward_shapley_ehr"] = (time.perf_counter() - t0) * 1e3 / n
     t["batch"] = float(n)
-    out = []
-    for case, m, (loc, top), (subsets, experts, ehr_contrib) in zip(cases, maps, locs, rows,
-                                                                     strict=True):
-        present = tuple(s for s in subsets[-1].modalities)
-        logit = subsets[-1].logit
-        ehr: tuple[FieldContribution, ...] = ()
-        if ehr_contrib is not None and case.ehr is not None:
-            ehr = tuple(
-                FieldContribution(f.name, f.unit, None if math.isnan(float(v)) else float(v),
-                                  float(c))
-                for f, v, c in zip(model.schema.fields, case.ehr, ehr_contrib, strict=True))
-        out.append(Explanation(
-            model_version=model_version,
-            probability=1.0 / (1.0 + math.exp(-logit)),
-            logit=logit,
-            temperature=float(model.temperature),
-            threshold=cfg.threshold,
-            uncertain_band=cfg.uncertain_band,
-            present=present,
-            missing=tuple(x for x in MODALITIES if x not in present),
-            ct_map=m.get("ct"),
-            ct_location=loc,
-            ct_top_slice=top,
-            path_map=m.get("path"),
-            ehr=ehr,
-            subsets=tuple(subsets),
-            modality_contrib=shapley(subsets),
-            experts=tuple(experts),
-            timings_ms=dict(t),
-        ))
-    return out
+    return [_assemble(model, case, cfg, model_version, tuple(row[0][-1].modalities), m, loc,
+                      row, dict(t))
+            for case, m, loc, row in zip(cases, maps, locs, rows, strict=True)]
