@@ -114,6 +114,8 @@ def main() -> int:
             if r:
                 times.append(dt)
             print(f"upload {r}: {dt:.2f} s ({out[1].splitlines()[0]})", flush=True)
+            if r == 0:
+                print("  " + " ".join(out[1].splitlines()[1:4])[:400], flush=True)
         labels = [lab for lab, _ in service.worklist()[:8]]
         browser = in_browser(base, labels, args.clicks, work / "browser.png")
     finally:
