@@ -436,10 +436,10 @@ class DiagnosisService:
         if s.site_metrics:
             parts = [f"{k} {v:.3f}" if abs(v) < 10 else f"{k} {v:g}"
                      for k, v in sorted(s.site_metrics.items())]
-            lines.append(f"Validation at this hospital: {', '.join(parts)}")
+            lines += ["", f"Validation at this hospital: {', '.join(parts)}"]
         else:
-            lines.append("Validation at this hospital: no metrics stored for this version.")
-        lines.append(s.privacy)
+            lines += ["", "Validation at this hospital: no metrics stored for this version."]
+        lines += ["", s.privacy]  # paragraphs: Markdown would run adjacent lines together
         return "\n".join(lines)
 
     @staticmethod
