@@ -15,8 +15,7 @@ Shapley arithmetic over the subset table).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from explain.attribution import _calibrated_logit, resolve_layer
 from explain.modality import ExpertUse, SubsetValue, _experts_used, present_modalities
-from explain.tokens import EncoderTokens, repeat_batch
+from explain.tokens import EncoderTokens, capture_tokens, repeat_batch
 from multimodal.data import Batch
 from multimodal.model import FedsightModel
 from vocab.errors import ConfigError
@@ -35,23 +34,6 @@ from vocab.modalities import MODALITIES
 
 def _rows(batch: Batch, i: int) -> Batch:
     return batch.select(torch.tensor([i]))
-
-
-@contextlib.contextmanager
-def _capture_all(model: FedsightModel, out: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Record the (detached) CT / pathology encoder outputs of the forward in the block: one
-    row per case that has the modality (the model encodes present rows only)."""
-    handles = []
-    for m in ("ct", "path"):
-        if m in model.encoders:
-            def hook(_mod: nn.Module, _inp: object, o: torch.Tensor, m: str = m) -> None:
-                out[m] = o.detach()
-            handles.append(model.encoders[m].register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def batch_gradcam(model: FedsightModel, batch: Batch, layers: dict[str, str],
@@ -73,7 +55,7 @@ def batch_gradcam(model: FedsightModel, batch: Batch, layers: dict[str, str],
     enc: dict[str, torch.Tensor] = {}
     inputs = {"ct": batch.ct, "path": batch.path}
     try:
-        with torch.enable_grad(), _capture_all(model, enc):
+        with torch.enable_grad(), capture_tokens(model, enc, all_rows=True):
             x = {m: inputs[m].clone().requires_grad_(True) for m in names}
             logit = _calibrated_logit(model, batch, **x)  # (B,)
             grads = torch.autograd.grad(logit.sum(), [acts[m] for m in names]) if names else ()

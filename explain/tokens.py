@@ -48,14 +48,16 @@ def image_tokens(model: FedsightModel, batch: Batch, tokens: EncoderTokens | Non
 
 
 @contextlib.contextmanager
-def capture_tokens(model: FedsightModel, tokens: EncoderTokens) -> Iterator[None]:
-    """Record (detached) into `tokens` the CT / pathology encoder outputs of row 0 of whatever
-    forward runs within the block, so a later replay needs no extra encoder pass."""
+def capture_tokens(model: FedsightModel, tokens: EncoderTokens, all_rows: bool = False
+                   ) -> Iterator[None]:
+    """Record (detached) into `tokens` the CT / pathology encoder outputs of row 0 (all_rows:
+    of every encoded row) of whatever forward runs within the block, so a later replay needs
+    no extra encoder pass. Modalities already in `tokens` are kept."""
     handles = []
     for m in ("ct", "path"):
         if m in model.encoders and m not in tokens:
             def hook(_mod: nn.Module, _inp: object, out: torch.Tensor, m: str = m) -> None:
-                tokens[m] = out.detach()[:1]
+                tokens[m] = out.detach() if all_rows else out.detach()[:1]
             handles.append(model.encoders[m].register_forward_hook(hook))
     try:
         yield
