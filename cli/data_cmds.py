@@ -16,6 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
     p.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    p.add_argument(
+        "--tasks", default="nodule",
+        help="comma-separated diseases: nodule (always first; labels.csv) and optionally "
+        "fibrosis (labels/fibrosis.csv), e.g. --tasks nodule,fibrosis",
+    )
+    p.add_argument(
+        "--sizes", default=None,
+        help="comma-separated patients per site, one per --sites (default: the built-in table)",
+    )
     p.set_defaults(func=_synth)
 
     node = sub.add_parser("node", help="hospital node agent: check data, start a SuperNode")
@@ -47,8 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from synth.config import SynthConfig
     from synth.federation import generate
+    from vocab.errors import ConfigError
 
-    summary = generate(SynthConfig.default(n_sites=args.sites, seed=args.seed), args.out)
+    tasks = tuple(t.strip() for t in args.tasks.split(","))
+    try:
+        sizes = None if args.sizes is None else tuple(int(x) for x in args.sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+    cfg = SynthConfig.default(n_sites=args.sites, seed=args.seed, sizes=sizes, tasks=tasks)
+    summary = generate(cfg, args.out)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

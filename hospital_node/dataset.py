@@ -30,6 +30,7 @@ from multimodal.data import PreparedCase
 from multimodal.grid import InputConfig
 from vocab.ehr_schema import CHEST_V1, EhrSchema, get_schema
 from vocab.errors import ConfigError, DataError, DataProblem
+from vocab.tasks import DEFAULT_TASK, labels_file
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,9 @@ def _load_case(cf: CaseFiles, disc: Discovery, loader: _CaseLoader, schema_ok: b
     label = disc.labels.values.get(cid)
     case.label = rep.label = int(label) if isinstance(label, int) else None
     if case.label is None and not any(p.code.startswith("label.") for p in rep.problems):
-        rep.problems.append(DataProblem("label.missing", f"case {cid}: no label in labels.csv; "
-                                        "usable for inference only, excluded from training",
-                                        "labels.csv", fatal=False))
+        rep.problems.append(DataProblem("label.missing", f"case {cid}: no label in "
+                                        f"{disc.labels_rel}; usable for inference only, "
+                                        "excluded from training", disc.labels_rel, fatal=False))
     rep.modalities = list(case.modalities())
     if not rep.modalities:
         what = "no usable modality" if rep.excluded else "no image or EHR data (label only)"
@@ -169,8 +170,10 @@ def _model_schema(inputs: InputConfig) -> EhrSchema | None:
 
 
 def load_site(root: Path, inputs: InputConfig, cache_dir: Path | None = None, *,
-              use_cache: bool = True, rule: SeriesRule | None = None) -> LoadedSite:
-    """Every case of the site at `root`; usable ones as PreparedCase, all in the report."""
+              use_cache: bool = True, rule: SeriesRule | None = None,
+              task: str | None = None) -> LoadedSite:
+    """Every case of the site at `root`; usable ones as PreparedCase, all in the report.
+    task: whose labels the cases carry (vocab.tasks; default: the first task, labels.csv)."""
     if not Path(root).is_dir():
         raise DataError(f"site data root {root} does not exist or is not a folder")
     # Resolved once: the site root may itself be a link (/data -> /mnt/pacs-export), and every
@@ -188,7 +191,7 @@ def load_site(root: Path, inputs: InputConfig, cache_dir: Path | None = None, *,
                                     f"{cfg.schema.label} differs from the model's {theirs}; "
                                     "EHR excluded", "site.json", "ehr_schema"))
     schema = cfg.schema or model_schema or CHEST_V1
-    disc = discover(root, schema)
+    disc = discover(root, schema, labels_file(task or DEFAULT_TASK))
     problems += disc.problems + disc.ehr.problems + disc.labels.problems
     cache = _open_cache(root, cache_dir, use_cache, problems)
     loader = _CaseLoader(root, inputs, cache, rule or cfg.series_rule)

@@ -11,6 +11,7 @@ from hospital_node.site_files import check_dir
 from vocab.ehr_schema import EhrSchema
 from vocab.errors import DataProblem
 from vocab.site_layout import CT_DIR, EHR_FILE, LABELS_FILE, PATHOLOGY_DIR, PATHOLOGY_SUFFIXES
+from vocab.tasks import LABELS_DIR, known_tasks
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Discovery:
     ehr: CsvTable
     labels: CsvTable
     problems: list[DataProblem]  # site-level
+    labels_rel: str = LABELS_FILE  # the task's labels file, relative to the root
 
 
 def _visible(p: Path) -> bool:
@@ -72,8 +74,9 @@ def _listing(folder: Path, root: Path, problems: list[DataProblem]) -> list[Path
     return out
 
 
-def discover(root: Path, schema: EhrSchema) -> Discovery:
-    """List every case id found anywhere in the site root (sorted)."""
+def discover(root: Path, schema: EhrSchema, labels_rel: str = LABELS_FILE) -> Discovery:
+    """List every case id found anywhere in the site root (sorted). labels_rel: the task's
+    labels file (vocab.tasks.labels_file)."""
     cases: dict[str, CaseFiles] = {}
     problems: list[DataProblem] = []
 
@@ -115,11 +118,28 @@ def discover(root: Path, schema: EhrSchema) -> Discovery:
                     "pathology excluded (cannot tell which is right)",
                     f"{PATHOLOGY_DIR}/{paths[0].name}"))
 
-    ehr_path, labels_path = root / EHR_FILE, root / LABELS_FILE
     # absent = empty table; a folder/FIFO/link out of the root is reported by the reader
-    ehr = read_ehr(ehr_path, schema, EHR_FILE, root=root)
-    labels = read_labels(labels_path, LABELS_FILE, root=root)
+    ehr = read_ehr(root / EHR_FILE, schema, EHR_FILE, root=root)
+    labels = read_labels(root / labels_rel, labels_rel, root=root)
+    problems += _unknown_task_labels(root)
     for table in (ehr, labels):
         for cid in list(table.values) + list(table.case_problems):
             case(cid)
-    return Discovery(dict(sorted(cases.items())), ehr, labels, problems)
+    return Discovery(dict(sorted(cases.items())), ehr, labels, problems, labels_rel)
+
+
+def _unknown_task_labels(root: Path) -> list[DataProblem]:
+    """labels/<task>.csv files whose task no shipped task file names (a typo, or a task this
+    version does not know): reported, never read."""
+    folder = root / LABELS_DIR
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    known = set(known_tasks())
+    out = []
+    for p in sorted(filter(_visible, folder.iterdir())):
+        if p.suffix != ".csv" or p.stem not in known:
+            rel = f"{LABELS_DIR}/{p.name}"
+            out.append(DataProblem("site.unknown_task_labels", f"{rel}: no task named "
+                                   f"{p.stem!r} is known (tasks: {sorted(known)}); ignored",
+                                   rel, fatal=False))
+    return out

@@ -42,15 +42,30 @@ def save_checkpoint(model: FedsightModel, path: str | Path,
     """Write the model (weights, config, temperature) to `path`; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temps = model.task_temperatures()
     torch.save({
         "format": FORMAT,
         "version": VERSION,
         "model_config": model.cfg.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "temperature": float(model.temperature),
+        # one per task; the first task's is also "temperature", as before tasks existed
+        "temperature": temps.get(model.cfg.task, 1.0),
+        "temperatures": temps,
         "meta": dict(meta or {}),
     }, path)
     return path
+
+
+def stored_config(ck: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model config with keys added since it was written filled by their
+    defaults (a one-task checkpoint from before tasks existed reads as task "nodule")."""
+    cfg = ck.get("model_config")
+    if not isinstance(cfg, dict):
+        return {}
+    try:
+        return ModelConfig.from_dict(cfg).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return cfg
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -72,12 +87,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ck
 
 
-def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> FedsightModel:
-    """Build the model stored in `path`. If `expected` is given and differs from the stored
-    config, raise CheckpointError naming the differing keys."""
+def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
+                    task: str | None = None) -> FedsightModel:
+    """Build the model stored in `path`, serving `task` (default: its first task). If
+    `expected` is given and differs from the stored config, raise CheckpointError naming the
+    differing keys; a task the checkpoint has no head for is a CheckpointError too."""
     ck = read_checkpoint(path)
     if expected is not None:
-        diff = config_diff(expected.to_dict(), ck["model_config"])
+        diff = config_diff(expected.to_dict(), stored_config(ck))
         if diff:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} was saved with another model config; differing keys "
@@ -89,13 +106,18 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None) -> Fe
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config: {e}") from e
     model = FedsightModel(cfg)
     _load_state(model, ck, path)
+    if task is not None:
+        if task not in cfg.tasks:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no head for task {task!r}; its "
+                                  f"tasks: {list(cfg.tasks)}")
+        model.use_task(task)
     return model
 
 
 def load_into(model: FedsightModel, path: str | Path) -> FedsightModel:
     """Load weights + temperature from `path` into an existing model of the same config."""
     ck = read_checkpoint(path)
-    diff = config_diff(model.cfg.to_dict(), ck["model_config"])
+    diff = config_diff(model.cfg.to_dict(), stored_config(ck))
     if diff:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match this model's config; differing keys "
@@ -110,5 +132,10 @@ def _load_state(model: FedsightModel, ck: dict[str, Any], path: str | Path) -> N
         model.load_state_dict(ck["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} weights do not fit the model: {e}") from e
-    model.temperature = float(ck.get("temperature", 1.0))
+    temps = ck.get("temperatures")
+    model.temperatures = ({str(k): float(v) for k, v in temps.items()}
+                          if isinstance(temps, dict) else {})
+    model.temperatures.setdefault(model.cfg.task, float(ck.get("temperature", 1.0)))
+    model.serve_task = model.cfg.task
+    model.temperature = model.temperatures[model.cfg.task]
     model.eval()

@@ -111,6 +111,16 @@ class ModelConfig:
     expert_capacity_factor: float = 1.0
     # Router z-loss (ST-MoE): keeps float32 router logits small; cheap stabiliser.
     z_coef: float = 1e-3
+    # Tasks (vocab.tasks): the head `task` is the model's first task; each of `extra_tasks` gets
+    # its own head on the same shared backbone (encoders, MoE blocks), reading the same features.
+    task: str = "nodule"
+    extra_tasks: tuple[str, ...] = ()
+    # Extra tasks that also have low-rank adapters (multimodal.lora) on the blocks, active only
+    # while that task is computed: the first task's outputs stay exactly the base model's.
+    lora_tasks: tuple[str, ...] = ()
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_targets: tuple[str, ...] = ("attn", "experts", "shared", "router")
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modalities if m not in MODALITIES]
@@ -141,6 +151,30 @@ class ModelConfig:
             raise ConfigError(f"ct_deep_gate_init must be finite, and non-zero without the blob "
                               f"filter (the conv path is then the CT's only path), got "
                               f"{self.ct_deep_gate_init!r}")
+
+        tasks = (self.task, *self.extra_tasks)
+        if len(set(tasks)) != len(tasks) or not all(
+                isinstance(t, str) and t.replace("_", "").isalnum() and t.islower() for t in tasks):
+            raise ConfigError(f"task and extra_tasks must be distinct lower-case ids, got "
+                              f"{tasks!r}")
+        if self.extra_tasks and self.fusion != "moe":
+            raise ConfigError("extra task heads need fusion 'moe' (they read the fused tokens)")
+        stray = [t for t in self.lora_tasks if t not in self.extra_tasks]
+        if stray or len(set(self.lora_tasks)) != len(self.lora_tasks):
+            raise ConfigError(f"lora_tasks must be distinct extra_tasks, got {self.lora_tasks!r} "
+                              f"(extra_tasks {self.extra_tasks!r})")
+        from multimodal.lora import TARGETS
+
+        bad = [t for t in self.lora_targets if t not in TARGETS]
+        if bad or self.lora_rank < 1 or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora: rank >= 1, alpha > 0, targets from {list(TARGETS)}; got "
+                              f"rank {self.lora_rank!r}, alpha {self.lora_alpha!r}, targets "
+                              f"{self.lora_targets!r}")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Every task this model has a head for, the first task first."""
+        return (self.task, *self.extra_tasks)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

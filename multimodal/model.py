@@ -19,6 +19,7 @@ from multimodal.data import Batch
 from multimodal.encoders import build_encoder
 from multimodal.moe import MoE
 from vocab.ehr_schema import get_schema
+from vocab.errors import ConfigError
 
 # Token groups for expert-load accounting: the fusion token, each modality's real tokens, and
 # learned missing-modality tokens (any modality).
@@ -113,16 +114,50 @@ class FedsightModel(nn.Module):
             n_skip = 2 * len(cfg.modalities) if cfg.head_skip else 0
             self.skip_norm = nn.LayerNorm(n_skip * d) if cfg.head_skip else None
             self.head = nn.Linear((1 + n_read + n_skip) * d, 1)
+            # one more head per extra task (vocab.tasks), same input as the first task's
+            self.task_heads = nn.ModuleDict({t: nn.Linear((1 + n_read + n_skip) * d, 1)
+                                             for t in cfg.extra_tasks})
+            if cfg.lora_tasks:
+                from multimodal import lora
+
+                layers = lora.target_layers(self, cfg.lora_targets)
+                self.adapters = nn.ModuleDict({t: lora.build_adapters(layers, cfg.lora_rank,
+                                                                      cfg.lora_alpha)
+                                               for t in cfg.lora_tasks})
+                lora.install_hooks(layers, self.adapters, self._active_adapters)
         else:  # dense late fusion: concat pooled modality features -> MLP
             m = len(cfg.modalities)
             self.late_mlp = nn.Sequential(nn.LayerNorm(2 * m * d), nn.Linear(2 * m * d, d),
                                           nn.GELU(),
                                           nn.Linear(d, 1))
-        # Not state: fitted on validation data and stored in the checkpoint next to the weights.
+        # Not state: fitted on validation data and stored in the checkpoint next to the weights
+        # (one per task; `temperature` is the served task's).
         self.temperature = 1.0
+        self.temperatures: dict[str, float] = {}
+        # The task whose head `logit` is (a served model object answers for one task).
+        self.serve_task = cfg.task
+        self._computing: str = cfg.task
         n_blocks = cfg.n_blocks if cfg.fusion == "moe" else 0
         self._counts = torch.zeros(n_blocks, len(EXPERT_GROUPS), cfg.n_experts,
                                    dtype=torch.float64)
+
+    # ---- tasks ----
+    def _active_adapters(self) -> nn.ModuleDict | None:
+        ad = getattr(self, "adapters", None)
+        return ad[self._computing] if ad is not None and self._computing in ad else None
+
+    def use_task(self, task: str) -> FedsightModel:
+        """Serve `task`: `logit` and `temperature` become that task's (returns self)."""
+        if task not in self.cfg.tasks:
+            raise ConfigError(f"this model has no head for task {task!r}; it has "
+                              f"{list(self.cfg.tasks)}")
+        self.serve_task = task
+        self.temperature = float(self.temperatures.get(task, 1.0))
+        return self
+
+    def task_temperatures(self) -> dict[str, float]:
+        """Every task's temperature; the served task's is `temperature` (what callers set)."""
+        return {**self.temperatures, self.serve_task: float(self.temperature)}
 
     # ---- encoders (named for explain/: model.ct_encoder.feature_layer etc.) ----
     @property
@@ -156,9 +191,24 @@ class FedsightModel(nn.Module):
         ct: torch.Tensor, ct_present: torch.Tensor,
         path: torch.Tensor, path_present: torch.Tensor,
         ehr: torch.Tensor, ehr_observed: torch.Tensor, ehr_present: torch.Tensor,
-        fuse: bool = True,
+        fuse: bool = True, task: str | None = None,
     ) -> ModelOutput:
-        """Plain-tensor entry point (what Captum wraps). Shapes as in multimodal.data.Batch."""
+        """Plain-tensor entry point (what Captum wraps). Shapes as in multimodal.data.Batch.
+        task: whose head `logit` is (default: the served task); its adapters, if any, are on."""
+        task = task or self.serve_task
+        if task not in self.cfg.tasks:
+            raise ConfigError(f"this model has no head for task {task!r}; it has "
+                              f"{list(self.cfg.tasks)}")
+        self._computing = task
+        try:
+            return self._forward(ct, ct_present, path, path_present, ehr, ehr_observed,
+                                 ehr_present, fuse, task)
+        finally:
+            self._computing = self.cfg.task
+
+    def _forward(self, ct: torch.Tensor, ct_present: torch.Tensor, path: torch.Tensor,
+                 path_present: torch.Tensor, ehr: torch.Tensor, ehr_observed: torch.Tensor,
+                 ehr_present: torch.Tensor, fuse: bool, task: str) -> ModelOutput:
         inputs = {"ct": ((ct,), ct_present), "path": ((path,), path_present),
                   "ehr": ((ehr, ehr_observed), ehr_present)}
         tokens = {m: self._encode(m, *inputs[m]) for m in self.cfg.modalities}  # (B, T_m, D)
@@ -191,14 +241,16 @@ class FedsightModel(nn.Module):
                 start += self.n_tokens[m]
         if self.skip_norm is not None:
             parts.append(self.skip_norm(torch.cat([pool_tokens(t) for t in tokens.values()], -1)))
-        logit = self.head(torch.cat(parts, -1)).squeeze(-1)  # (B,)
+        head = self.head if task == self.cfg.task else self.task_heads[task]
+        logit = head(torch.cat(parts, -1)).squeeze(-1)  # (B,)
         moe_loss = self.cfg.balance_coef * bal + self.cfg.z_coef * z
         nb = len(self.blocks)
         return ModelOutput(logit, aux, moe_loss, bal / nb, z / nb)
 
-    def forward(self, batch: Batch, fuse: bool = True) -> ModelOutput:
+    def forward(self, batch: Batch, fuse: bool = True, task: str | None = None) -> ModelOutput:
         return self.forward_tensors(batch.ct, batch.ct_present, batch.path, batch.path_present,
-                                    batch.ehr, batch.ehr_observed, batch.ehr_present, fuse=fuse)
+                                    batch.ehr, batch.ehr_observed, batch.ehr_present, fuse=fuse,
+                                    task=task)
 
     @torch.no_grad()
     def predict_proba(self, batch: Batch, calibrated: bool = True) -> torch.Tensor:

@@ -19,6 +19,7 @@ batch). The mixing weights are the router probabilities of the chosen experts, r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,8 @@ class Router(nn.Module):
         self.top_k, self.noise, self.noise_std = top_k, noise, noise_std
         self.capacity_factor = capacity_factor
         self.noise_scale = 1.0  # set by the training loop's anneal schedule; 0 = no noise
+        # set by multimodal.lora: x (N, D) float32 -> a task adapter's (N, E) logit delta or None
+        self.logit_delta: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor]:
@@ -97,6 +100,9 @@ class Router(nn.Module):
         samples = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
         x = samples.reshape(-1, x.shape[-1])
         logits = F.linear(x.float(), self.weight)  # (N, E) float32
+        if self.logit_delta is not None:
+            delta = self.logit_delta(x.float())
+            logits = logits if delta is None else logits + delta
         sel = logits
         if self.training and self.noise != "none" and self.noise_scale > 0:
             if self.noise == "gaussian":

@@ -27,6 +27,11 @@ _CT_MISSING = (0.05, 0.10, 0.0, 0.15, 0.05, 0.10)
 _PATH_MISSING = (0.10, 0.20, 1.0, 0.05, 0.15, 0.10)  # 1.0: the hospital has no pathology at all
 _EHR_CELL_MISSING = (0.03, 0.08, 0.05, 0.12, 0.05, 0.03)
 _SCANNERS = ("SYNTH-CT 64", "SYNTH-CT 16", "SYNTH-CT 128", "SYNTH-CT 32")
+# Second disease (opt-in, SynthConfig.tasks): fibrotic ILD is rarer and its case mix differs from
+# the nodule one, so a site's nodule prevalence says little about its fibrosis prevalence.
+_FIBROSIS_PREVALENCE = (0.20, 0.12, 0.30, 0.18, 0.08, 0.25)
+# Tasks the generator knows, in the order they may appear; the first is always written.
+KNOWN_TASKS = ("nodule", "fibrosis")
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,14 @@ class SiteConfig:
     # Probability that one EHR cell is empty.
     ehr_cell_missing_rate: float
     scanner_model: str = "SYNTH-CT 64"
+    # Fraction of fibrosis-positive cases (used only when "fibrosis" is in SynthConfig.tasks).
+    fibrosis_prevalence: float = 0.20
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
             ("n_cases", self.n_cases >= 1),
             ("prevalence", 0.01 <= self.prevalence <= 0.99),
+            ("fibrosis_prevalence", 0.01 <= self.fibrosis_prevalence <= 0.99),
             ("slice_thickness_mm", 1.0 <= self.slice_thickness_mm <= 20.0),
             ("noise_sigma_hu", 0.0 <= self.noise_sigma_hu <= 100.0),
             ("hu_offset", abs(self.hu_offset) <= 50.0),
@@ -103,6 +111,13 @@ class LabelModel:
             raise ConfigError(f"w_shared must be in [0, 1), got {self.w_shared!r}")
 
 
+def default_fibrosis_model() -> LabelModel:
+    """The second disease's label model: a stronger shared factor (seen by every modality and,
+    through SynthConfig.fibrosis_coupling, partly shared with the nodule task), a CT-heavy own
+    part (fibrosis is a CT diagnosis first) and a weaker EHR part."""
+    return LabelModel(a=1.8, b=1.4, c=1.2, d=1.0, w_shared=0.5)
+
+
 MAX_SITES = 999
 
 
@@ -136,6 +151,7 @@ def _default_sites(n_sites: int, sizes: tuple[int, ...] | None) -> tuple[SiteCon
                 path_missing_rate=_PATH_MISSING[k],
                 ehr_cell_missing_rate=_EHR_CELL_MISSING[k],
                 scanner_model=_SCANNERS[i % len(_SCANNERS)],
+                fibrosis_prevalence=_FIBROSIS_PREVALENCE[k],
             )
         )
     return tuple(sites)
@@ -161,8 +177,34 @@ class SynthConfig:
     min_nodule_radius_mm: float = 5.0
     # Mean number of small calcified granulomas per CT (label-independent distractors).
     granulomas_per_ct: float = 0.6
+    # Diseases written: "nodule" always (labels.csv); ("nodule", "fibrosis") adds fibrotic ILD
+    # (labels/fibrosis.csv) with its own latent model and signal in every modality.
+    tasks: tuple[str, ...] = ("nodule",)
+    # The fibrosis label model (same closed forms as label_model, its own weights).
+    fibrosis_model: LabelModel = field(default_factory=default_fibrosis_model)
+    # Correlation of the fibrosis shared factor with the nodule one: 0 = unrelated diseases,
+    # near 1 = the same patients are at risk. 0.7 makes the labels correlated (phi ~0.09) but far
+    # from identical, so a nodule model transfers some, not all, of what fibrosis needs.
+    fibrosis_coupling: float = 0.7
 
     def __post_init__(self) -> None:
+        tasks = self.tasks
+        if (
+            not isinstance(tasks, tuple | list)
+            or not tasks
+            or any(t not in KNOWN_TASKS for t in tasks)
+            or len(set(tasks)) != len(tasks)
+            or tasks[0] != KNOWN_TASKS[0]
+        ):
+            raise ConfigError(
+                f"tasks must be distinct ids from {list(KNOWN_TASKS)} starting with "
+                f"{KNOWN_TASKS[0]!r}, got {tasks!r}"
+            )
+        object.__setattr__(self, "tasks", tuple(tasks))  # a list from a caller -> hashable tuple
+        if not 0.0 <= self.fibrosis_coupling < 1.0:
+            raise ConfigError(
+                f"fibrosis_coupling must be in [0, 1), got {self.fibrosis_coupling!r}"
+            )
         if not self.sites:
             raise ConfigError("a federation needs at least one site")
         ids = [s.site_id for s in self.sites]

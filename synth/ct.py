@@ -145,6 +145,65 @@ def _render_anatomy(
     return hu, lung_mask
 
 
+def fibrosis_severity(score: float) -> tuple[float, float]:
+    """(amplitude HU, extent) of the basal fibrosis pattern for a fibrosis CT score t_ct.
+
+    Both increase monotonically: amplitude 25 + 55 softplus(1.2 t) HU (~30 at t=-2, ~63 at 0,
+    ~160 at 2, capped at 200); extent = fraction of the scan above its bottom that is involved,
+    0.20 + 0.25 sigmoid(1.2 t) (0.22 .. 0.45), plus a 0.08 ramp: the pattern never reaches above
+    44 % of the scan from the apex, so the upper lungs stay clear whatever the score.
+    """
+    amp = float(min(25.0 + 55.0 * np.logaddexp(0.0, 1.2 * score), 200.0))
+    return amp, float(0.20 + 0.25 * sigmoid(1.2 * score))
+
+
+def _band_noise(
+    shape: tuple[int, ...], s_fine: float, s_coarse: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Unit-variance band-passed noise (difference of Gaussian filters of one white field)."""
+    spec = np.fft.rfftn(rng.standard_normal(shape))
+    freqs = np.meshgrid(
+        *[np.fft.fftfreq(n) for n in shape[:-1]], np.fft.rfftfreq(shape[-1]), indexing="ij"
+    )
+    f2 = sum(f * f for f in freqs)
+    gain = np.exp(-2.0 * (np.pi * s_fine) ** 2 * f2) - np.exp(-2.0 * (np.pi * s_coarse) ** 2 * f2)
+    field = np.fft.irfftn(spec * gain, s=shape)
+    return field / (field.std() + 1e-12)
+
+
+def _paint_fibrosis(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    body: _Body,
+    geom: Geometry,
+    score: float,
+    rng: np.random.Generator,
+) -> None:
+    """Add basal, posterior-weighted reticulation + ground glass to lung voxels (in place).
+
+    Reticulation: the zero-crossing network of band-passed noise (thin bright lines around
+    air-filled cells); ground glass: smooth patches. Both scale with fibrosis_severity(score).
+    Drawn from its own stream, before the lesions, so nodules paint over it unchanged.
+    """
+    n, m = geom.n_slices, geom.matrix
+    amp, extent = fibrosis_severity(score)
+    t = np.arange(n) / max(n - 1, 1)  # 0 apex .. 1 bottom of the scan; lungs end at 0.97
+    basal = np.clip((t - (0.97 - extent)) / 0.08, 0.0, 1.0)
+    ks = np.flatnonzero(basal > 0)
+    if not len(ks):
+        return
+    y = geom.origin_mm[1] + np.arange(m) * geom.pixel_mm - body.cy
+    depth = 0.66 * (body.b - body.fat)  # lung half-depth: -1 anterior .. +1 posterior
+    post = np.clip(0.55 + 0.45 * y / depth, 0.1, 1.0)[None, :, None]
+    shape = (len(ks), m, m)
+    band = _band_noise(shape, 0.6, 2.2, rng)
+    reticular = np.exp(-((band / 0.45) ** 2))  # 1 on the network lines, ~0 inside the cells
+    patches = sigmoid(2.0 * _smooth_noise(shape, 4.0, rng) + 0.5 * score)
+    add = amp * basal[ks][:, None, None] * post * (reticular + 0.5 * patches)  # <= 1.5 amp
+    sub = hu[ks]
+    hu[ks] = np.where(lung[ks], sub + add.astype(np.float32), sub)
+
+
 def _place(
     body: _Body, geom: Geometry, radius: float, rng: np.random.Generator
 ) -> tuple[float, float, float] | None:
@@ -200,12 +259,19 @@ def _paint(
 
 
 def render_ct(
-    cfg: SynthConfig, site: SiteConfig, score: float, rng: np.random.Generator
+    cfg: SynthConfig,
+    site: SiteConfig,
+    score: float,
+    rng: np.random.Generator,
+    fibrosis_score: float | None = None,
+    fibrosis_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, Geometry, list[Lesion]]:
     """One patient's chest: (D, H, W) HU (float32, with site offset+noise), geometry, lesions.
 
     The index nodule follows the CT score s_ct: present with probability sigmoid(2 s + 1.5);
     radius 7 + 3 s mm, density -250 + 180 s HU (ground glass -> solid), spiculation for s > 0.3.
+    fibrosis_score (t_ct of the second disease, with its own fibrosis_rng): basal reticulation /
+    ground glass (_paint_fibrosis); None = no fibrosis pattern and exactly the one-task volume.
     """
     m = cfg.ct_matrix
     px = site.fov_mm / m
@@ -222,6 +288,10 @@ def render_ct(
     origin = (xy0, xy0, table_z)
     geom = Geometry(n, m, px, site.slice_thickness_mm, origin)
     hu, lung = _render_anatomy(body, geom, rng)
+    if fibrosis_score is not None:
+        if fibrosis_rng is None:
+            raise ValueError("render_ct: fibrosis_score needs its own fibrosis_rng")
+        _paint_fibrosis(hu, lung, body, geom, fibrosis_score, fibrosis_rng)
 
     lesions: list[Lesion] = []
     if rng.random() < sigmoid(2.0 * score + 1.5):

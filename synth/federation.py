@@ -2,6 +2,7 @@
 
 <out>/federation.json          site ids, sizes and every knob (no per-patient data)
 <out>/<site_id>/               a site data root (vocab.site_layout), what a node reads
+<out>/<site_id>/labels/fibrosis.csv   second disease (SynthConfig.tasks has "fibrosis")
 <out>/_truth/<site_id>/truth.json   latents, Bayes probabilities, lesions, atypia regions
 """
 
@@ -21,10 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from synth.config import SiteConfig, SynthConfig
+from synth.config import LabelModel, SiteConfig, SynthConfig
 from synth.ct import render_ct, write_series
 from synth.ehr import SCHEMA, draw_ehr, format_value
-from synth.model import LATENTS, auc, draw_site, oracle_scores, rng_for
+from synth.model import LATENTS, Draw, auc, draw_fibrosis, draw_site, oracle_scores, rng_for
 from synth.pathology import render_tile
 from synth.truth import CaseTruth, LesionTruth, save_truth
 from vocab.errors import ConfigError
@@ -38,6 +39,7 @@ from vocab.site_layout import (
     SITE_FILE,
     TRUTH_DIR,
 )
+from vocab.tasks import labels_file
 
 MANIFEST = "federation.json"
 GENERATOR = "fedsight.synth"
@@ -45,6 +47,16 @@ FORMAT_VERSION = 1
 # Random streams per case (the last element of rng_for's key), so one modality's draws never
 # shift another's.
 _S_CASE, _S_CT, _S_PATH, _S_EHR = 0, 1, 2, 3
+# Second disease: its own per-case streams after the nodule ones, and its site-level latents from
+# key (site, 0, 1) -- case streams have case >= 1 and the nodule latents use (site, 0) -- so
+# turning fibrosis on never changes a nodule draw.
+_S_FIB_CT, _S_FIB_PATH, _S_FIB_EHR = 4, 5, 6
+_FIB_LATENT_KEY = (0, 1)
+FIBROSIS = "fibrosis"
+# SynthConfig fields that exist only for the second disease: left out of the manifest when it is
+# off, so a one-task federation.json stays byte-identical to what earlier versions wrote.
+_TASK_ONLY_FIELDS = ("tasks", "fibrosis_model", "fibrosis_coupling")
+_TASK_ONLY_SITE_FIELDS = ("fibrosis_prevalence",)
 
 
 def case_id_for(site: SiteConfig, index: int) -> str:
@@ -92,13 +104,22 @@ def _generate_site(
     root = out / site.site_id
     root.mkdir()
     draw = draw_site(site, cfg.label_model, rng_for(cfg.seed, index, 0))
+    fib: Draw | None = None
+    if FIBROSIS in cfg.tasks:
+        fib = draw_fibrosis(
+            draw,
+            site.fibrosis_prevalence,
+            cfg.fibrosis_model,
+            cfg.fibrosis_coupling,
+            rng_for(cfg.seed, index, *_FIB_LATENT_KEY),
+        )
     has_path_dir = site.path_missing_rate < 1.0
     if has_path_dir:
         (root / PATHOLOGY_DIR).mkdir()
     (root / CT_DIR).mkdir()
 
     truths: list[CaseTruth] = []
-    ehr_rows, label_rows = [], []
+    ehr_rows, label_rows, fib_rows = [], [], []
     for j in range(site.n_cases):
         cid = case_id_for(site, j)
         r_case = rng_for(cfg.seed, index, j + 1, _S_CASE)
@@ -108,10 +129,19 @@ def _generate_site(
             days=int(r_case.integers(0, 365)), minutes=int(r_case.integers(0, 11 * 60))
         )
         s_ct, s_path, s_ehr = (float(v) for v in draw.scores[j])
+        t_ct = t_path = t_ehr = None  # fibrosis scores; None = task off
+        if fib is not None:
+            t_ct, t_path, t_ehr = (float(v) for v in fib.scores[j])
+
+        def fib_rng(purpose: int, j: int = j) -> np.random.Generator | None:
+            return None if fib is None else rng_for(cfg.seed, index, j + 1, purpose)
+
         modalities = []
         lesions: tuple[LesionTruth, ...] = ()
         if has_ct:
-            hu, geom, les = render_ct(cfg, site, s_ct, rng_for(cfg.seed, index, j + 1, _S_CT))
+            hu, geom, les = render_ct(
+                cfg, site, s_ct, rng_for(cfg.seed, index, j + 1, _S_CT), t_ct, fib_rng(_S_FIB_CT)
+            )
             write_series(
                 root / CT_DIR / cid,
                 hu,
@@ -134,15 +164,26 @@ def _generate_site(
         bbox = None
         if has_path:
             tile, bbox = render_tile(
-                site, s_path, cfg.path_tile_px, rng_for(cfg.seed, index, j + 1, _S_PATH)
+                site,
+                s_path,
+                cfg.path_tile_px,
+                rng_for(cfg.seed, index, j + 1, _S_PATH),
+                t_path,
+                fib_rng(_S_FIB_PATH),
             )
             # compress_level 3: noisy tiles barely shrink further, and level 6 doubles encode time
             Image.fromarray(tile, "RGB").save(root / PATHOLOGY_DIR / f"{cid}.png", compress_level=3)
             modalities.append("path")
-        ehr = draw_ehr(site, s_ehr, rng_for(cfg.seed, index, j + 1, _S_EHR))
+        ehr = draw_ehr(
+            site, s_ehr, rng_for(cfg.seed, index, j + 1, _S_EHR), t_ehr, fib_rng(_S_FIB_EHR)
+        )
         modalities.append("ehr")
         ehr_rows.append([cid, *(format_value(k, ehr[k]) for k in SCHEMA.names)])
         label_rows.append([cid, str(int(draw.label[j]))])
+        tasks: dict[str, dict[str, Any]] = {}
+        if fib is not None:
+            fib_rows.append([cid, str(int(fib.label[j]))])
+            tasks[FIBROSIS] = _task_truth(fib, j)
         truths.append(
             CaseTruth(
                 case_id=cid,
@@ -160,17 +201,22 @@ def _generate_site(
                 lesions=lesions,
                 atypia_bbox=bbox,
                 ehr=ehr,
+                tasks=tasks,
             )
         )
 
     _write_csv(root / EHR_FILE, [CASE_ID_COLUMN, *SCHEMA.names], ehr_rows)
     _write_csv(root / LABELS_FILE, [CASE_ID_COLUMN, LABEL_COLUMN], label_rows)
+    extra: dict[str, Any] = {"b0": round(draw.b0, 6), "path_tile_px": cfg.path_tile_px}
+    if fib is not None:
+        fib_file = root / labels_file(FIBROSIS)
+        fib_file.parent.mkdir(exist_ok=True)
+        _write_csv(fib_file, [CASE_ID_COLUMN, LABEL_COLUMN], fib_rows)
+        extra["b0_tasks"] = {FIBROSIS: round(fib.b0, 6)}
     (root / SITE_FILE).write_text(
         json.dumps({"site_id": site.site_id, "ehr_schema": SCHEMA.name}, indent=2) + "\n"
     )
-    save_truth(
-        out, site.site_id, truths, {"b0": round(draw.b0, 6), "path_tile_px": cfg.path_tile_px}
-    )
+    save_truth(out, site.site_id, truths, extra)
     n_pos = int(draw.label.sum())
     summary = {
         "site_id": site.site_id,
@@ -182,7 +228,44 @@ def _generate_site(
         "prevalence_target": site.prevalence,
         "prevalence_observed": round(n_pos / site.n_cases, 4),
     }
+    if fib is not None:  # only then: a one-task manifest keeps its bytes
+        n_fib = int(fib.label.sum())
+        summary["tasks"] = {
+            FIBROSIS: {
+                "n_positive": n_fib,
+                "prevalence_target": site.fibrosis_prevalence,
+                "prevalence_observed": round(n_fib / site.n_cases, 4),
+            }
+        }
     return summary, truths
+
+
+def _task_truth(d: Draw, j: int) -> dict[str, Any]:
+    """Truth of case j for a further task, with the same keys as the nodule fields of CaseTruth."""
+    return {
+        "latents": {k: round(float(v), 6) for k, v in zip(LATENTS, d.z[j], strict=True)},
+        "scores": {
+            k: round(float(v), 6)
+            for k, v in zip(("s_ct", "s_path", "s_ehr"), d.scores[j], strict=True)
+        },
+        "logit": round(float(d.logit[j]), 6),
+        "bayes_prob": round(float(d.bayes_prob[j]), 6),
+        "label": int(d.label[j]),
+    }
+
+
+def _config_doc(cfg: SynthConfig) -> dict[str, Any]:
+    """asdict(cfg) for the manifest; second-disease knobs only when that disease is on."""
+    doc = asdict(cfg)
+    if FIBROSIS not in cfg.tasks:
+        for k in _TASK_ONLY_FIELDS:
+            del doc[k]
+        for site in doc["sites"]:
+            for k in _TASK_ONLY_SITE_FIELDS:
+                del site[k]
+    else:
+        doc["tasks"] = list(cfg.tasks)
+    return doc
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -221,10 +304,9 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1) -> dict[str, Any]:
         "seed": cfg.seed,
         "ehr_schema": SCHEMA.name,
         "sites": sites,
-        "config": asdict(cfg),
+        "config": _config_doc(cfg),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return {
+    summary: dict[str, Any] = {
         "out": str(out),
         "seed": cfg.seed,
         "n_sites": cfg.n_sites,
@@ -235,27 +317,41 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1) -> dict[str, Any]:
             "ehr": sum(s["n_ehr"] for s in sites),
         },
         "sites": sites,
-        "oracle_auc": _oracle_aucs(cfg, truths),
+        "oracle_auc": _oracle_aucs(
+            cfg.label_model,
+            [(t.logit, t.latents, t.scores, t.label) for t in truths],
+        ),
     }
-
-
-def _oracle_aucs(cfg: SynthConfig, truths: list[CaseTruth]) -> dict[str, float]:
-    """Pooled AUC ceilings: Bayes (all latents) and each modality combination's oracle."""
-    y = np.array([t.label for t in truths])
-    if y.min() == y.max():
-        return {}
-    scores = np.array([[t.scores["s_ct"], t.scores["s_path"], t.scores["s_ehr"]] for t in truths])
-    res = {"bayes": round(auc(np.array([t.logit for t in truths]), y), 4)}
-    # within-site b0 differs, so add each case's b0 back for a pooled ranking
-    b0 = np.array([t.logit for t in truths]) - np.array(
-        [
-            np.dot(
-                [cfg.label_model.a, cfg.label_model.b, cfg.label_model.c, cfg.label_model.d],
-                [t.latents[k] for k in LATENTS],
+    if len(cfg.tasks) > 1:
+        summary["oracle_auc_tasks"] = manifest["oracle_auc_tasks"] = {
+            FIBROSIS: _oracle_aucs(
+                cfg.fibrosis_model,
+                [
+                    (d["logit"], d["latents"], d["scores"], d["label"])
+                    for d in (t.tasks[FIBROSIS] for t in truths)
+                ],
             )
-            for t in truths
-        ]
+        }
+        manifest["tasks"] = list(cfg.tasks)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _oracle_aucs(
+    lm: LabelModel, rows: list[tuple[float, dict[str, float], dict[str, float], int]]
+) -> dict[str, float]:
+    """Pooled AUC ceilings of one task: Bayes (all latents) and each modality combination's
+    oracle. rows: (logit, latents, scores, label) per case under that task's model lm."""
+    y = np.array([r[3] for r in rows])
+    if len(y) == 0 or y.min() == y.max():
+        return {}
+    scores = np.array([[r[2]["s_ct"], r[2]["s_path"], r[2]["s_ehr"]] for r in rows])
+    logit = np.array([r[0] for r in rows])
+    res = {"bayes": round(auc(logit, y), 4)}
+    # within-site b0 differs, so add each case's b0 back for a pooled ranking
+    b0 = logit - np.array(
+        [np.dot([lm.a, lm.b, lm.c, lm.d], [r[1][k] for k in LATENTS]) for r in rows]
     )
-    for name, s in oracle_scores(scores, cfg.label_model).items():
+    for name, s in oracle_scores(scores, lm).items():
         res[name] = round(auc(s + b0, y), 4)
     return res

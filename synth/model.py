@@ -47,9 +47,9 @@ def intercept_for(prevalence: float, lm: LabelModel) -> float:
 
 @dataclass(frozen=True)
 class Draw:
-    """Latents and labels of n patients of one site (arrays of length n)."""
+    """Latents and labels of n patients of one site and one task (arrays of length n)."""
 
-    z: np.ndarray  # (n, 4) z_shared, z_ct, z_path, z_ehr
+    z: np.ndarray  # (n, 4) z_shared, z_ct, z_path, z_ehr (for fibrosis: v_*, same order)
     scores: np.ndarray  # (n, 3) s_ct, s_path, s_ehr: what each modality renders
     logit: np.ndarray  # (n,)
     bayes_prob: np.ndarray  # (n,)
@@ -68,12 +68,36 @@ def draw_site(
 ) -> Draw:
     """Draw n (default site.n_cases) patients from the label model at this site's prevalence."""
     n = site.n_cases if n is None else n
-    z = rng.standard_normal((n, 4))
-    b0 = intercept_for(site.prevalence, lm)
+    return draw_task(rng.standard_normal((n, 4)), site.prevalence, lm, rng)
+
+
+def draw_task(z: np.ndarray, prevalence: float, lm: LabelModel, rng: np.random.Generator) -> Draw:
+    """Labels of one task from given (n, 4) standard-normal latents at a site's prevalence.
+
+    The closed forms of this module (intercept_for, oracle_weights, oracle_scores) hold for any
+    task whose latents are independent standard normals, whatever lm's weights.
+    """
+    b0 = intercept_for(prevalence, lm)
     logit = b0 + z @ _coef(lm)
     p = sigmoid(logit)
-    label = (rng.random(n) < p).astype(np.int64)
+    label = (rng.random(len(z)) < p).astype(np.int64)
     return Draw(z, modality_scores(z, lm), logit, p, label, b0)
+
+
+def fibrosis_latents(z_nodule: np.ndarray, coupling: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, 4) fibrosis latents: own factors from rng, the shared factor coupled to the nodule one:
+    v_shared = coupling * z_shared + sqrt(1 - coupling^2) * e (still standard normal, still
+    independent of v_ct, v_path, v_ehr, so the closed forms apply)."""
+    v = rng.standard_normal(z_nodule.shape)
+    v[:, 0] = coupling * z_nodule[:, 0] + np.sqrt(1.0 - coupling * coupling) * v[:, 0]
+    return v
+
+
+def draw_fibrosis(
+    nodule: Draw, prevalence: float, lm: LabelModel, coupling: float, rng: np.random.Generator
+) -> Draw:
+    """The second disease for the same patients as `nodule` (one site), from its own stream."""
+    return draw_task(fibrosis_latents(nodule.z, coupling, rng), prevalence, lm, rng)
 
 
 def oracle_weights(lm: LabelModel, combo: tuple[str, ...]) -> np.ndarray:

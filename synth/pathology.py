@@ -89,13 +89,53 @@ def _density(level: float) -> float:
     return 0.0018 * float(np.exp(0.45 * level))
 
 
+def collagen_fraction(score: float) -> float:
+    """Target area fraction of collagen bands for a fibrosis pathology score t_path (monotone:
+    ~0.05 at t=-2, ~0.21 at 0, ~0.41 at 2)."""
+    return float(0.03 + 0.42 / (1.0 + np.exp(-(1.3 * score - 0.3))))
+
+
+def _streaks(shape: tuple[int, int], frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Soft mask (0..1) of roughly parallel bands covering ~frac of the tile.
+
+    Anisotropic smooth noise (long along one random direction, thin across it) thresholded at
+    its (1 - frac) quantile: elongated, wavy streaks like the collagen of fibrotic lung.
+    """
+    theta = rng.uniform(0, np.pi)
+    fy, fx = np.meshgrid(np.fft.fftfreq(shape[0]), np.fft.rfftfreq(shape[1]), indexing="ij")
+    along = fx * np.cos(theta) + fy * np.sin(theta)
+    across = -fx * np.sin(theta) + fy * np.cos(theta)
+    gain = np.exp(-2 * np.pi**2 * ((4.0 * across) ** 2 + (16.0 * along) ** 2))
+    field = np.fft.irfftn(np.fft.rfft2(rng.standard_normal(shape)) * gain, s=shape)
+    field /= field.std() + 1e-12
+    q = np.quantile(field, 1.0 - frac)
+    return np.clip((field - q) / 0.3 + 0.5, 0.0, 1.0)
+
+
+def _paint_collagen(
+    eosin: np.ndarray, hema: np.ndarray, score: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense eosinophilic collagen bands (fraction collagen_fraction(score)), paucicellular:
+    eosin rises to ~0.9 in the bands and nuclei there fade (collagen displaces cells)."""
+    band = _streaks(eosin.shape, collagen_fraction(score), rng)
+    dense = np.clip(0.9 + 0.04 * _smooth(eosin.shape, 1.5, rng), 0.8, 1.0)
+    return eosin + band * (dense - eosin), hema * (1.0 - 0.6 * band)
+
+
 def render_tile(
-    site: SiteConfig, score: float, size: int, rng: np.random.Generator
+    site: SiteConfig,
+    score: float,
+    size: int,
+    rng: np.random.Generator,
+    fibrosis_score: float | None = None,
+    fibrosis_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """(size, size, 3) uint8 H&E tile and its atypia region bbox (x0, y0, x1, y1), half-open.
 
     Inside the region (an ellipse inscribed in the bbox) atypia = s_path; outside it is
     0.4 * s_path, so the whole tile carries the signal and the region carries it most.
+    fibrosis_score (t_path of the second disease, with its own fibrosis_rng): collagen bands
+    (_paint_collagen); None = exactly the one-task tile.
     """
     shape = (size, size)
     # Stroma: fibrous eosin with pale gaps (fat / lumen), as in a core biopsy.
@@ -125,6 +165,10 @@ def render_tile(
     _nuclei(hema, len(c_out), level_out, c_out, rng)
     _nuclei(hema, len(c_in), level_in, c_in, rng)
     hema = hema + 0.04 * np.clip(_smooth(shape, 3.0, rng), 0, None)  # faint background stain
+    if fibrosis_score is not None:
+        if fibrosis_rng is None:
+            raise ValueError("render_tile: fibrosis_score needs its own fibrosis_rng")
+        eosin, hema = _paint_collagen(eosin, hema, fibrosis_score, fibrosis_rng)
 
     v_h, v_e = stain_vectors(site)
     k = _OD_SCALE * site.stain_strength

@@ -41,6 +41,10 @@ class CaseTruth:
                  (an ellipse inscribed in it); None without pathology
     ehr:         the EHR values as written to ehr.csv (None = empty cell)
     modalities:  which of "ct", "path", "ehr" were written for this case
+    tasks:       further diseases (SynthConfig.tasks beyond "nodule"), e.g. tasks["fibrosis"] =
+                 {"latents": {z_shared, z_ct, z_path, z_ehr}, "scores": {s_ct, s_path, s_ehr},
+                 "logit", "bayes_prob", "label"} under that task's own label model; empty (and
+                 absent from the file) when only the nodule task was generated
     """
 
     case_id: str
@@ -54,6 +58,7 @@ class CaseTruth:
     lesions: tuple[LesionTruth, ...] = ()
     atypia_bbox: tuple[int, int, int, int] | None = None
     ehr: dict[str, float | None] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def lesion_centres_mm(self) -> list[tuple[float, float, float]]:
@@ -66,6 +71,8 @@ class CaseTruth:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["modalities"] = list(self.modalities)
+        if not self.tasks:
+            del d["tasks"]  # one-task truth files stay exactly as before
         return d
 
     @classmethod
@@ -93,6 +100,7 @@ class CaseTruth:
             lesions=lesions,
             atypia_bbox=None if bbox is None else tuple(bbox),
             ehr=dict(d.get("ehr", {})),
+            tasks={k: dict(v) for k, v in d.get("tasks", {}).items()},
         )
 
 
