@@ -23,8 +23,14 @@ from multimodal.config import ModelConfig, TrainConfig, _from_dict, _to_dict
 from multimodal.data import PreparedCase
 from multimodal.losses import masked_bce
 from multimodal.model import FedsightModel, build_model
-from multimodal.train import (_deterministic, as_batch, augment, ehr_field_dropout,
-                              modality_dropout, train_local)
+from multimodal.train import (
+    _deterministic,
+    as_batch,
+    augment,
+    ehr_field_dropout,
+    modality_dropout,
+    train_local,
+)
 from vocab.errors import ConfigError
 
 METHODS = ("lora", "head", "full", "scratch")
