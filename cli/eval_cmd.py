@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("test", "train", "all"), default="test")
     p.add_argument("--seed", type=int, default=0, help="split seed (the nodes' seed)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
+    p.add_argument("--task", default=None,
+                   help="task to evaluate (its head and the sites' labels for it; default: the "
+                   "model's first task)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="report JSON path (.md written beside)")
     p.set_defaults(func=_evaluate)
@@ -35,15 +38,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     from multimodal.config import ModelConfig
 
     ckpt = args.model / "model.pt" if args.model.is_dir() else args.model
-    inputs = ModelConfig.from_dict(read_checkpoint(ckpt)["model_config"]).inputs
+    cfg = ModelConfig.from_dict(read_checkpoint(ckpt)["model_config"])
+    task = args.task or cfg.task
+    if task not in cfg.tasks:
+        raise DataError(f"model {ckpt} has no head for task {task!r}; its tasks: "
+                        f"{list(cfg.tasks)}")
     cases_by_site = {}
     for root in args.site:
-        site = load_site(root, inputs, args.cache_dir)
+        site = load_site(root, cfg.inputs, args.cache_dir, task=task)
         cases = [c for c in site.cases if c.label is not None
                  and (args.split == "all" or split_of(c.case_id, args.seed) == args.split)]
         if not cases:
             raise DataError(f"site {site.site_id!r} has no labelled cases in split {args.split!r}")
         cases_by_site[site.site_id] = cases
-    report = run_evaluate(cases_by_site, ckpt, args.out, threshold=args.threshold)
+    report = run_evaluate(cases_by_site, ckpt, args.out, threshold=args.threshold, task=task)
     print(report.to_markdown())
     return 0

@@ -11,13 +11,14 @@ from vocab.offline import enforce_offline
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import audit_cmd, data_cmds, demo_cmd, eval_cmd, fl_cmds, ui_cmd
+    from cli import adapt_cmd, audit_cmd, data_cmds, demo_cmd, eval_cmd, fl_cmds, ui_cmd
 
     parser = argparse.ArgumentParser(
         prog="fedsight",
         description="Federated multimodal diagnosis: hospitals train one model, data stays home.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    adapt_cmd.register(sub)
     audit_cmd.register(sub)
     data_cmds.register(sub)
     demo_cmd.register(sub)

@@ -19,9 +19,11 @@ def run_evaluate(
     checkpoint: str | Path,
     out_json: str | Path | None = None,
     threshold: float = 0.5,
+    task: str | None = None,
 ) -> EvalReport:
-    """Evaluate the checkpoint on every site's labelled cases; write JSON (+ .md beside it)."""
-    model = load_checkpoint(checkpoint)
+    """Evaluate the checkpoint (its head for `task`, default its first task) on every site's
+    labelled cases; write JSON (+ .md beside it)."""
+    model = load_checkpoint(checkpoint, task=task)
     report = evaluate(model, cases_by_site, threshold=threshold)
     if out_json is not None:
         out = Path(out_json)
