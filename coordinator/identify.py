@@ -28,7 +28,7 @@ def identify_hospitals(grid: Grid, node_ids: list[int], settings: RunSettings,
     """
     content = RecordDict({K.CONFIG: ConfigRecord({
         K.SEED: settings.seed, K.MAX_CASES: settings.max_cases, K.MODEL_JSON: settings.model_json,
-    })})
+    } | ({K.TASK: settings.task} if settings.task else {}))})
     msgs = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n)
             for n in node_ids]
     replies = list(grid.send_and_receive(msgs, timeout=settings.round_timeout))

@@ -6,6 +6,7 @@ last stored model. Called by the ServerApp (coordinator.server_app)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from coordinator.adaptation import AdaptPlan, plan_adaptation
 from coordinator.journal import ACCEPTED
 from coordinator.privacy_record import privacy_block
 from coordinator.run_state import RunState
@@ -44,14 +46,18 @@ def initial_state(settings: RunSettings) -> dict[str, torch.Tensor]:
 
 
 def write_model(state: dict[str, torch.Tensor], cfg: Any, path: Path,
-                temperature: float = 1.0) -> None:
+                temperature: float = 1.0, task: str = "",
+                temperatures: dict[str, float] | None = None) -> None:
     """model.pt in multimodal.checkpoint's format (the UI loads it with load_checkpoint);
-    `temperature`: the round's federated fit (1.0 = uncalibrated, meta says which)."""
+    `temperature`: the round's federated fit for `task` (default the first task; 1.0 =
+    uncalibrated, meta says which); `temperatures`: the other tasks' (an adapted base's)."""
     from multimodal.checkpoint import save_checkpoint
     from multimodal.model import FedsightModel
 
     model = FedsightModel(cfg)
     model.load_state_dict(state, strict=True)
+    model.temperatures = {t: float(v) for t, v in (temperatures or {}).items() if t in cfg.tasks}
+    model.use_task(task or cfg.task)
     model.temperature = float(temperature)
     save_checkpoint(model, path)
 
@@ -62,12 +68,19 @@ def read_state(version: Version) -> dict[str, torch.Tensor]:
     return read_checkpoint(version.model_path)["state_dict"]
 
 
-def train_config_record(settings: RunSettings) -> ConfigRecord:
+def train_config_record(settings: RunSettings, plan: AdaptPlan | None = None) -> ConfigRecord:
     """What every hospital needs each round (the strategy adds server-round, stage, mu), with the
-    federation's EHR schema id and content hash: a node whose site schema differs refuses."""
+    federation's EHR schema id and content hash: a node whose site schema differs refuses. An
+    adaptation round adds the task, the method, the base's hash and the adapted architecture."""
     from vocab.ehr_schema import get_schema
 
     schema = get_schema(model_config(settings).inputs.ehr_schema)
+    extra: dict[str, Any] = {}
+    if settings.task:
+        extra[K.TASK] = settings.task
+    if plan is not None:
+        extra |= {K.ADAPT: plan.method, K.BASE_SHA256: plan.base_sha256,
+                  K.MODEL_JSON: json.dumps(plan.cfg.to_dict())}
     return ConfigRecord({
         K.LOCAL_EPOCHS: settings.local_epochs, K.LR: settings.lr,
         K.BATCH_SIZE: settings.batch_size, K.MODEL_JSON: settings.model_json,
@@ -75,7 +88,7 @@ def train_config_record(settings: RunSettings) -> ConfigRecord:
         K.EHR_SCHEMA: schema.name, K.EHR_SCHEMA_HASH: schema.content_hash,
         K.DP_NOISE_MULTIPLIER: settings.dp_noise_multiplier,
         K.DP_MAX_GRAD_NORM: settings.dp_max_grad_norm,
-    })
+    } | extra)
 
 
 @dataclass
@@ -105,9 +118,15 @@ def _start_state(store: ModelStore, settings: RunSettings, flwr_run_id: int
 def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> RunOutcome:
     store = ModelStore(settings.store_dir)
     run, settings = _start_state(store, settings, flwr_run_id)
-    cfg = model_config(settings)
+    plan = plan_adaptation(settings, store)
+    cfg = plan.cfg if plan is not None else model_config(settings)
+    if plan is None and settings.task and settings.task != cfg.task:
+        raise ConfigError(f"task {settings.task!r}: the model's first task is {cfg.task!r}; "
+                          f"train another task with adapt = lora|head (or a model-json task)")
     state = read_state(store.get(run.last_version)) if run.last_version \
-        else initial_state(settings)
+        else plan.initial if plan is not None else initial_state(settings)
+    if plan is not None:  # only the arrays that travel (a resumed run's version is complete)
+        state = {k: state[k] for k in plan.initial}
     offset = run.rounds_completed
     run.flwr_run_ids.append(flwr_run_id)
     run.status, run.finished, run.ended_reason = "running", None, ""
@@ -121,14 +140,14 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
         "secure_aggregation": settings.secure_aggregation})
 
     strategy = build_strategy(settings, run)
-    on_round_end = _round_end_hook(store, strategy, settings, cfg, run)
+    on_round_end = _round_end_hook(store, strategy, settings, cfg, run, plan)
     remaining = settings.num_rounds - offset
     try:
         if remaining > 0:
             strategy.start(grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
                            timeout=settings.round_timeout,
-                           train_config=train_config_record(settings),
-                           evaluate_config=train_config_record(settings),
+                           train_config=train_config_record(settings, plan),
+                           evaluate_config=train_config_record(settings, plan),
                            evaluate_fn=on_round_end)
     except BaseException as e:
         # The error's type only: its text may quote anything a library put into it.
@@ -150,7 +169,7 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
 
 
 def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunSettings,
-                    cfg: Any, run: RunState):
+                    cfg: Any, run: RunState, plan: AdaptPlan | None = None):
     """evaluate_fn for Strategy.start: called after each round's evaluation; stores the model
     (when the round aggregated) and the round's record, every selected hospital named."""
 
@@ -192,7 +211,12 @@ def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunS
             meta["calibration"] = rec.calibration or None
             temperature = float(rec.calibration.get("temperature", 1.0))
             state = arrays.to_torch_state_dict()
-            version = store.add_version(lambda p: write_model(state, cfg, p, temperature), meta)
+            temps: dict[str, float] = {}
+            if plan is not None:
+                state, temps = plan.full_state(state), plan.base_temperatures
+                meta |= plan.meta()
+            version = store.add_version(lambda p: write_model(
+                state, cfg, p, temperature, settings.task, temps), meta)
             run.last_version = version.id
             run.versions.append(version.id)
             entry["version"] = version.id

@@ -102,6 +102,16 @@ class RunSettings:
     federation_dir: str = ""
     cache_dir: str = ""  # hospital-side preprocessed cache root ("" = per-user default)
     max_cases: int = 0  # hospital-side cap on cases used (0 = all); keeps tests small
+    # Federated adaptation (multimodal.adapt, docs/adaptation.md): train a new task's head
+    # ("head") or its LoRA adapters and head ("lora") on top of the base version `adapt-base`
+    # (a version id of store-dir, or a model.pt path); only those arrays travel. "none" = train
+    # the whole model on `task` ("" = the model's first task).
+    task: str = ""
+    adapt: str = "none"
+    adapt_base: str = ""
+    # Simulation only: where the virtual hospitals find published versions (the base); a real
+    # hospital sets its own node config models-dir.
+    models_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -138,6 +148,23 @@ class RunSettings:
         for key in ("model_json", "train_json"):
             self.json_overrides(key)
         check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
+        self._check_adapt()
+
+    def _check_adapt(self) -> None:
+        from vocab.tasks import check_task_id
+
+        if self.task:
+            check_task_id(self.task)
+        if self.adapt not in K.ADAPT_METHODS:
+            raise ConfigError(f"adapt must be one of {'|'.join(K.ADAPT_METHODS)}, got "
+                              f"{self.adapt!r}")
+        if self.adapt != "none" and not (self.task and self.adapt_base):
+            raise ConfigError(f"adapt = {self.adapt!r} needs task (the new task) and adapt-base "
+                              f"(the base version), got task={self.task!r}, "
+                              f"adapt-base={self.adapt_base!r}")
+        if self.adapt != "none" and (self.secure_aggregation or self.strategy == "fedadam"):
+            raise ConfigError("adapt needs strategy fedavg|fedprox without secure-aggregation "
+                              "(not built for adapter rounds)")
 
     def _check_secure_aggregation(self) -> None:
         for key in ("secagg_clipping_range", "secagg_timeout", "secagg_example_scale",

@@ -25,8 +25,9 @@ from vocab.transport import check_transport, pack_update
 # Node config keys (flower-supernode --node-config); simulation adds partition-id/num-partitions.
 DATA_DIR, SITE_ID_KEY, CACHE_DIR = "data-dir", "site-id", "cache-dir"
 WORKER_SOCKET = "worker-socket"  # hospital_node.worker's socket (set by `fedsight node start`)
-NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, WORKER_SOCKET, "partition-id",
-                       "num-partitions"}) | PRIVACY_KEYS
+MODELS_DIR = "models-dir"  # published versions held here (federated adaptation finds its base)
+NODE_KEYS = frozenset({DATA_DIR, SITE_ID_KEY, CACHE_DIR, WORKER_SOCKET, MODELS_DIR,
+                       "partition-id", "num-partitions"}) | PRIVACY_KEYS
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -38,6 +39,7 @@ class NodeSettings:
     site_id: str = ""  # "" = take it from site.json / the folder name
     cache_dir: Path | None = None
     privacy: PrivacySettings | None = None  # None: the defaults (hospital_node.privacy)
+    models_dir: Path | None = None  # published versions (hospital_node.published)
 
     @classmethod
     def from_configs(cls, node_config: dict[str, Any], run_config: dict[str, Any]
@@ -56,8 +58,11 @@ class NodeSettings:
         if cache and "partition-id" in node_config and CACHE_DIR not in node_config:
             cache = str(Path(cache) / data.name)  # one cache per simulated site
         cache_path = Path(cache) if cache else None
+        # simulation: the virtual hospitals share the run config's folder
+        models = node_config.get(MODELS_DIR) or run_config.get("models-dir") or ""
         return cls(data, str(node_config.get(SITE_ID_KEY, "")), cache_path,
-                   PrivacySettings.from_node_config(node_config, data, cache_path))
+                   PrivacySettings.from_node_config(node_config, data, cache_path),
+                   Path(str(models)) if models else None)
 
     def ledger(self) -> Ledger:
         return Ledger(self.privacy or PrivacySettings(default_ledger(self.data_dir,
@@ -94,6 +99,9 @@ class RoundConfig:
     dp_max_grad_norm: float = 0.0
     transport: str = "fp32"  # vocab.transport: fp32 | fp16 (updates up as float16)
     sparse_experts: bool = False  # leave out experts this hospital routed no token to
+    task: str = ""  # whose labels train ("" = the model's first task)
+    adapt: str = "none"  # vocab.records.ADAPT_METHODS
+    base_sha256: str = ""  # the base version (adapt rounds)
 
     def __post_init__(self) -> None:
         # Wire values: echoed in a refusal that goes back to the coordinator, so keep them plain.
@@ -103,6 +111,14 @@ class RoundConfig:
             raise ConfigError(f"round config ehr-schema {str(self.ehr_schema)[:80]!r} is not a "
                               "schema id")
         check_transport(str(self.transport))
+        if self.task:
+            from vocab.tasks import check_task_id
+
+            check_task_id(self.task)
+        if self.adapt not in K.ADAPT_METHODS or (self.adapt != "none" and not (
+                self.task and _SHA256.fullmatch(str(self.base_sha256)))):
+            raise ConfigError("round config adapt needs one of none|lora|head, and with lora or "
+                              "head a task and base-sha256 (sha256 hex)")
         if bool(self.ehr_schema) != bool(self.ehr_schema_hash) or (
                 self.ehr_schema_hash and not _SHA256.fullmatch(str(self.ehr_schema_hash))):
             raise ConfigError("round config needs ehr-schema and ehr-schema-hash (sha256 hex) "
@@ -117,7 +133,8 @@ class RoundConfig:
                  K.EHR_SCHEMA: "ehr_schema", K.EHR_SCHEMA_HASH: "ehr_schema_hash",
                  K.DP_NOISE_MULTIPLIER: "dp_noise_multiplier",
                  K.DP_MAX_GRAD_NORM: "dp_max_grad_norm", K.TRANSPORT: "transport",
-                 K.SPARSE_EXPERTS: "sparse_experts"}
+                 K.SPARSE_EXPERTS: "sparse_experts", K.TASK: "task", K.ADAPT: "adapt",
+                 K.BASE_SHA256: "base_sha256"}
         unknown = sorted(set(config) - set(names))
         if unknown:
             raise ConfigError(f"unknown round config key(s) {unknown}; known: {sorted(names)}")
@@ -163,11 +180,11 @@ def check_ehr_schema(node: NodeSettings, cfg: RoundConfig) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(data_dir: Path, inputs: Any, cache_dir: Path | None) -> Any:
-    """One load per process and site (simulation reuses worker processes across rounds)."""
+def _load(data_dir: Path, inputs: Any, cache_dir: Path | None, task: str = "") -> Any:
+    """One load per process, site and task (simulation reuses worker processes across rounds)."""
     from hospital_node.dataset import load_site
 
-    return load_site(data_dir, inputs, cache_dir)
+    return load_site(data_dir, inputs, cache_dir, task=task or None)
 
 
 @dataclass(frozen=True)
@@ -178,14 +195,20 @@ class SiteData:
     summary: dict[str, int]  # counts only
 
 
-def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0) -> SiteData:
-    """The site's labelled cases on the fixed split, with clinician feedback applied to the
-    training split (hospital_node.feedback_labels)."""
+def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0,
+              task: str = "") -> SiteData:
+    """The site's labelled cases of `task` ("" = the first task) on the fixed split, with
+    clinician feedback applied to the first task's training split
+    (hospital_node.feedback_labels: feedback records no task yet)."""
     from hospital_node.feedback_labels import apply_feedback, read_feedback_labels
     from hospital_node.splits import split_of
+    from vocab.tasks import DEFAULT_TASK, labels_file
 
-    site = _load(node.data_dir, inputs, node.cache_dir)
-    feedback = read_feedback_labels(node.data_dir)
+    if task and task != DEFAULT_TASK and not (node.data_dir / labels_file(task)).is_file():
+        raise NoTaskLabels(f"this hospital has no labels for task {task!r}; it sits the "
+                           f"round out")
+    site = _load(node.data_dir, inputs, node.cache_dir, task)
+    feedback = read_feedback_labels(node.data_dir) if task in ("", DEFAULT_TASK) else {}
     cases = sorted((c for c in site.cases if c.label is not None or c.case_id in feedback),
                    key=lambda c: c.case_id)
     if max_cases > 0:
@@ -207,11 +230,25 @@ def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0) ->
     return SiteData(node.site_id or site.site_id, train, test, summary)
 
 
-def _model(cfg: RoundConfig, state: dict[str, Any]) -> Any:
+class NoTaskLabels(DataError):
+    """This hospital keeps no labels for the round's task (it sits the round out)."""
+
+
+def _model(cfg: RoundConfig, state: dict[str, Any], node: NodeSettings | None = None) -> Any:
+    """The round's model: the received arrays, on top of the locally held base version in an
+    adaptation round; it serves the round's task."""
     from multimodal.model import FedsightModel
 
     model = FedsightModel(cfg.model_config())
+    if cfg.adapt != "none":
+        from hospital_node.published import base_state
+
+        base = base_state(node.models_dir if node else None, cfg.base_sha256)
+        own = model.state_dict()
+        state = {k: v for k, v in base.items() if k in own} | dict(state)
     model.load_state_dict(state, strict=True)
+    if cfg.task:
+        model.use_task(cfg.task)
     return model
 
 
@@ -231,10 +268,12 @@ def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_ste
     from multimodal.dp import plan
     from multimodal.train import train_local
 
-    model = _model(cfg, state)
-    data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases)
+    model = _model(cfg, state, node)
+    data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases, cfg.task)
     if not data.train:
         raise DataError("no labelled training case at this site")
+    if cfg.adapt != "none":
+        return _train_adapter(model, cfg, data, set(state), start_step)
     tcfg = cfg.train_config()
     ledger = node.ledger()
     ledger.check(plan(len(data.train), tcfg.batch_size, tcfg.epochs, tcfg.dp_noise_multiplier)
@@ -257,6 +296,27 @@ def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_ste
         for (layer, expert), count in _cells(result.expert_counts.tolist()):
             metrics[f"{K.EXPERT_TOKENS_PREFIX}.{layer}.{expert}"] = float(count)
     return TrainOutcome(model.state_dict(), metrics, result.global_step)
+
+
+def _train_adapter(model: Any, cfg: RoundConfig, data: SiteData, keys: set[str],
+                   start_step: int) -> TrainOutcome:
+    """An adaptation round: only the received arrays (the task's adapters and head) train and
+    return; the base stays as this hospital holds it."""
+    import time
+
+    from multimodal.adapt import AdaptConfig, train_head
+
+    if cfg.dp_noise_multiplier or cfg.dp_max_grad_norm:
+        raise ConfigError("DP-SGD is not built for adaptation rounds")
+    t0 = time.perf_counter()
+    acfg = AdaptConfig(method=cfg.adapt, epochs=max(cfg.local_epochs, 1), lr=cfg.lr,
+                       batch_size=cfg.batch_size, seed=cfg.seed * 1000 + cfg.server_round)
+    history = train_head(model, data.train, cfg.task, acfg, keys)
+    metrics = {K.NUM_EXAMPLES: float(len(data.train)),
+               K.TRAIN_LOSS: float(history[-1]["loss"]) if history else math.nan,
+               K.TRAIN_SECONDS: time.perf_counter() - t0}
+    own = model.state_dict()
+    return TrainOutcome({k: own[k] for k in keys}, metrics, start_step)
 
 
 def unchanged_experts(local: dict[str, Any], received: dict[str, Any]) -> list[str]:
@@ -284,8 +344,8 @@ def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]
     from multimodal.evaluate import predict_logits
     from multimodal.metrics import auc, threshold_metrics
 
-    model = _model(cfg, state)
-    data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases)
+    model = _model(cfg, state, node)
+    data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases, cfg.task)
     n = len(data.test)
     out = {K.NUM_EXAMPLES: float(n), K.N_EVAL: float(n), K.LOSS: math.nan, K.AUC: math.nan,
            K.ACCURACY: math.nan}
@@ -308,7 +368,12 @@ def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]
 def statistics(node: NodeSettings, cfg: RoundConfig) -> tuple[str, dict[str, float]]:
     """(site id, counts) for the coordinator's data-statistics query."""
     inputs = cfg.model_config().inputs  # same grid as training: the loaded site is reused
-    data = site_data(node, inputs, cfg.seed, cfg.max_cases)
+    try:
+        data = site_data(node, inputs, cfg.seed, cfg.max_cases, cfg.task)
+    except NoTaskLabels:  # identified all the same; its train/evaluate replies will say why
+        data = site_data(node, inputs, cfg.seed, cfg.max_cases)
+        return data.site_id, {"cases-total": float(data.summary["cases-total"]),
+                              "cases-train": 0.0, "cases-test": 0.0}
     return data.site_id, {k: float(v) for k, v in data.summary.items()}
 
 

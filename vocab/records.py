@@ -44,6 +44,14 @@ DP_MAX_GRAD_NORM: Final = "dp-max-grad-norm"
 # and whether a hospital leaves out the experts it routed no token to.
 TRANSPORT: Final = "transport"
 SPARSE_EXPERTS: Final = "sparse-experts"
+# Federated adaptation to a new task (multimodal.adapt): the task id, the method ("lora" |
+# "head"; "none" = ordinary training of the whole model) and the sha256 of the base version's
+# model.pt, which every hospital holds locally (published versions): only the adapter and head
+# arrays travel, in both directions.
+TASK: Final = "task"
+ADAPT: Final = "adapt"
+BASE_SHA256: Final = "base-sha256"
+ADAPT_METHODS: Final = ("none", "lora", "head")
 
 # ---- hospital -> coordinator: MetricRecord "metrics" (train and evaluate replies) ----
 TRAIN_LOSS: Final = "train-loss"
