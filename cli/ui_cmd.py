@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="first back-off; doubles per further failure up to --login-backoff-cap")
     p.add_argument("--login-backoff-cap", type=float, default=900.0, metavar="SECONDS")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
+    p.add_argument("--task", default=None,
+                   help="which of the version's tasks to serve (default: its first task); a "
+                   "task the version has no head for is refused at start")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--triage-cache", type=Path, default=None,
                    help="precomputed worklist cache (default $XDG_STATE_HOME/fedsight/<site "
@@ -54,7 +57,7 @@ def _ui(args: argparse.Namespace) -> int:
                cache_dir=args.cache, threshold=args.threshold, threads=args.threads,
                audit_log=args.audit_log, audit_key=args.audit_key,
                login_limits=_login_limits(args), triage=_triage(args),
-               concurrency=args.concurrency)
+               concurrency=args.concurrency, task=args.task)
     return 0
 
 
@@ -79,7 +82,7 @@ def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 
                threshold: float = 0.5, threads: int = 2, block: bool = True,
                audit_log: Path | None = None, audit_key: Path | None = None,
                login_limits: object | None = None, triage: object | None = None,
-               concurrency: int = 16) -> object:
+               concurrency: int = 16, task: str | None = None) -> object:
     """Build the service and the app and serve it; returns the app when block=False."""
     import logging
 
@@ -103,9 +106,10 @@ def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 
     if not isinstance(triage, TriageConfig):  # the default: precomputed, cache by the log
         triage = TriageConfig(cache_dir=triage_cache_path(site))
     service = DiagnosisService.from_paths(site, model, cache_dir, ExplainConfig(
-        threshold=threshold), audit=audit, triage=triage)
+        threshold=threshold), audit=audit, triage=triage, task=task)
     app = build_app(service, cfg)
-    print(f"[ui] serving site {service.site_id} with model {service.served.version} on "
+    print(f"[ui] serving site {service.site_id} with model {service.served.version} (task "
+          f"{service.served.task}) on "
           f"http://{host}:{port}" + ("" if cfg.users else " (no login: loopback only)")
           + f"; audit log {cfg.audit_log}", flush=True)
     serve(app, cfg, block=block)

@@ -30,13 +30,13 @@ def _names(mods: tuple[str, ...] | list[str]) -> str:
 
 
 def answer_why(e: Explanation) -> str:
-    lines = [f"The model gives {pct(e.probability)} for malignancy, so at the threshold of "
+    lines = [f"The model gives {pct(e.probability)} for {e.condition}, so at the threshold of "
              f"{pct(e.threshold)} the decision is {e.decision}."]
     base = e.baseline
     lines.append(f"With no data at all it would say {pct(base.probability)}; the available "
                  f"modalities ({_names(e.present)}) moved the score (logit scale) as follows:")
     for m, v in sorted(e.modality_contrib.items(), key=lambda kv: -abs(kv[1])):
-        direction = "towards malignant" if v > 0 else "towards benign"
+        direction = f"towards {e.positive}" if v > 0 else f"towards {e.negative}"
         lines.append(f"- {MODALITY_LABELS[m]}: {signed(v)} ({direction})")
     if e.missing:
         lines.append(f"Not available for this case: {_names(e.missing)}.")
@@ -91,7 +91,7 @@ def answer_where(e: Explanation, native: NativePlace | None = None) -> str:
         return text + (f" On the model grid that is slice {d + 1} of {n_slices}; model-grid "
                        f"slice {e.ct_top_slice + 1} holds the most positive attribution "
                        f"({pct(loc.slice_share)}). The viewer opens on the peak's slice; red "
-                       "marks evidence towards malignant, the yellow line the top region.")
+                       f"marks evidence towards {e.positive}, the yellow line the top region.")
     text = (f"The CT attribution is strongest on slice {e.ct_top_slice + 1} of {n_slices}, "
             f"which holds {pct(loc.slice_share)} of the positive attribution. The single "
             f"strongest point is slice {d + 1}, row {h + 1}, column {w + 1} of the model grid")
@@ -100,7 +100,7 @@ def answer_where(e: Explanation, native: NativePlace | None = None) -> str:
         side = "left" if x > 0 else "right"
         text += (f", at patient position x {x:.0f} mm, y {y:.0f} mm, z {z:.0f} mm "
                  f"(LPS; the patient's {side} side)")
-    return text + ". The viewer opens on that slice; red marks evidence towards malignant."
+    return text + f". The viewer opens on that slice; red marks evidence towards {e.positive}."
 
 
 def answer_pathology_added(e: Explanation) -> str:
@@ -118,7 +118,7 @@ def answer_no_pathology(e: Explanation) -> str:
         return (f"This case already has no pathology: the answer stays {pct(e.probability)} "
                 f"({e.decision}).")
     without = e.subset(tuple(m for m in e.present if m != "path"))
-    decision = "malignant" if without.probability >= e.threshold else "benign"
+    decision = e.decision_at(without.probability)
     same = "the same decision" if decision == e.decision else "a different decision"
     return (f"Without the pathology tile (replaced by the model's learned 'missing' tokens) the "
             f"model would give {pct(without.probability)} instead of {pct(e.probability)}: "

@@ -21,7 +21,7 @@ class ExplainConfig:
     latter, which the default model keeps nearly closed (docs/benchmarks.md: GradCAM at
     `stages.0` pointed at 0/38 lesions even before the gate). A model built without the blob
     channel needs ct_layer="encoders.ct.stages.0", ct_method="gradcam".
-    threshold: calibrated probability at or above which the decision is "malignant".
+    threshold: calibrated probability at or above which the decision is `positive`.
     uncertain_band: |p - threshold| below this is stated as "close to the threshold".
     """
 
@@ -30,6 +30,11 @@ class ExplainConfig:
     path_layer: str = "encoders.path.feature_layer"
     threshold: float = 0.5
     uncertain_band: float = 0.15
+    # What the served task's label 1 / 0 mean (vocab.tasks: Task.positive / Task.negative), as
+    # the decision, the card and the answers word it.
+    positive: str = "malignant"
+    negative: str = "benign"
+    condition: str = "malignancy"  # "probability of <condition>"
 
     def __post_init__(self) -> None:
         if self.ct_method not in ("gradcam", "grad_x_act"):

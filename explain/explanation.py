@@ -67,10 +67,21 @@ class Explanation:
     modality_contrib: dict[str, float]  # exact Shapley values, sum = v(present) - v(none)
     experts: tuple[ExpertUse, ...]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    positive: str = "malignant"  # the served task's words for label 1 / 0 (ExplainConfig)
+    negative: str = "benign"
+    condition: str = "malignancy"  # what `probability` is a probability of
+
+    @property
+    def is_positive(self) -> bool:
+        return self.probability >= self.threshold
 
     @property
     def decision(self) -> str:
-        return "malignant" if self.probability >= self.threshold else "benign"
+        return self.positive if self.is_positive else self.negative
+
+    def decision_at(self, probability: float) -> str:
+        """The decision this explanation's threshold gives another probability."""
+        return self.positive if probability >= self.threshold else self.negative
 
     @property
     def near_threshold(self) -> bool:
@@ -163,6 +174,9 @@ def _assemble(model: FedsightModel, case: PreparedCase, cfg: ExplainConfig, mode
         temperature=float(model.temperature),
         threshold=cfg.threshold,
         uncertain_band=cfg.uncertain_band,
+        positive=cfg.positive,
+        negative=cfg.negative,
+        condition=cfg.condition,
         present=present,
         missing=tuple(m for m in MODALITIES if m not in present),
         ct_map=maps.get("ct"),

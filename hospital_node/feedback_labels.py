@@ -26,10 +26,11 @@ from vocab.feedback_store import FeedbackStore
 log = logging.getLogger(__name__)
 
 
-def read_feedback_labels(site_root: Path) -> dict[str, int]:
-    """case_id -> label from the site's feedback store; {} when absent or unreadable."""
+def read_feedback_labels(site_root: Path, task: str = "nodule") -> dict[str, int]:
+    """case_id -> label of `task` from the site's feedback store; {} when absent or
+    unreadable."""
     try:
-        return FeedbackStore.at_site(site_root).labels()
+        return FeedbackStore.at_site(site_root).labels(task)
     except DataError as e:
         # Local log only (the node's own console): the store path is the hospital's own.
         log.warning("clinician feedback not used this round: %s", e)

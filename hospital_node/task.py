@@ -198,8 +198,8 @@ class SiteData:
 def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0,
               task: str = "") -> SiteData:
     """The site's labelled cases of `task` ("" = the first task) on the fixed split, with
-    clinician feedback applied to the first task's training split
-    (hospital_node.feedback_labels: feedback records no task yet)."""
+    clinician feedback on that task applied to the training split
+    (hospital_node.feedback_labels)."""
     from hospital_node.feedback_labels import apply_feedback, read_feedback_labels
     from hospital_node.splits import split_of
     from vocab.tasks import DEFAULT_TASK, labels_file
@@ -208,7 +208,7 @@ def site_data(node: NodeSettings, inputs: Any, seed: int, max_cases: int = 0,
         raise NoTaskLabels(f"this hospital has no labels for task {task!r}; it sits the "
                            f"round out")
     site = _load(node.data_dir, inputs, node.cache_dir, task)
-    feedback = read_feedback_labels(node.data_dir) if task in ("", DEFAULT_TASK) else {}
+    feedback = read_feedback_labels(node.data_dir, task or DEFAULT_TASK)
     cases = sorted((c for c in site.cases if c.label is not None or c.case_id in feedback),
                    key=lambda c: c.case_id)
     if max_cases > 0:

@@ -22,6 +22,7 @@ from fastapi import HTTPException  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from explain.answers import QUESTIONS  # noqa: E402
+from explain.config import ExplainConfig  # noqa: E402
 from ui.config import UiConfig  # noqa: E402
 from ui.ct_view import DEFAULT_PRESET, WINDOW_PRESETS, FrameFiles  # noqa: E402
 from ui.login_limit import ClientAddressMiddleware, LoginLimiter, client_address  # noqa: E402
@@ -36,7 +37,11 @@ WORKLIST_ORDERS = {"triage": "malignant or near the threshold first",
                    "uncertainty": "closest to the threshold first"}
 WORKLIST_COLUMNS = ("case", "data", "P %", "decision", "margin (pp)", "feedback")
 SHORT = {"ct": "CT", "path": "Path", "ehr": "EHR"}
-CORRECTED = {"benign (0)": 0, "malignant (1)": 1}
+
+
+def corrected_choices(cfg: ExplainConfig) -> dict[str, int]:
+    """The feedback form's diagnoses in the served task's words."""
+    return {f"{cfg.negative} (0)": 0, f"{cfg.positive} (1)": 1}
 NO_DIAGNOSIS = ("No diagnosis is open: diagnose a case first (a case refused as out of scope "
                 "has no diagnosis to ask about or give feedback on).")
 # The pathology overlay arrives at model resolution; the browser enlarges it without smoothing.
@@ -106,6 +111,7 @@ def model_card_image(service: DiagnosisService) -> Any:
 
 def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
     schema = service.served.model.schema
+    corrected_of = corrected_choices(service.cfg)
 
     def diagnose(case_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         if not case_id:
@@ -200,7 +206,7 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
         if verdict not in ("agree", "disagree"):
             raise gr.Error("Choose agree or disagree.")
         try:
-            row = service.send_feedback(handle, verdict, CORRECTED.get(corrected or ""),
+            row = service.send_feedback(handle, verdict, corrected_of.get(corrected or ""),
                                         comment or "", _user(request))
         except DataError as e:
             raise gr.Error(str(e)) from None
@@ -208,7 +214,9 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
 
     with gr.Blocks(title=cfg.title, delete_cache=(600, 900), analytics_enabled=False) as app:
         handle = gr.Textbox(visible=False, label="diagnosis handle")
-        gr.Markdown(f"## {cfg.title}\nSite `{service.site_id}` · model `{service.served.version}`")
+        gr.Markdown(f"## {cfg.title}\nSite `{service.site_id}` · model "
+                    f"`{service.served.version}` · task **{service.served.task}** (probability "
+                    f"of {service.cfg.condition})")
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 with gr.Tab("Worklist"):
@@ -268,7 +276,7 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
                 answer_md = gr.Markdown(elem_id="answer")
                 with gr.Accordion("Feedback", open=False):
                     verdict = gr.Radio(["agree", "disagree"], label="Your judgement")
-                    corrected = gr.Radio(list(CORRECTED), label="Correct diagnosis (if you "
+                    corrected = gr.Radio(list(corrected_of), label="Correct diagnosis (if you "
                                          "disagree)")
                     comment = gr.Textbox(label="Comment", lines=2)
                     fb_btn = gr.Button("Send feedback")

@@ -27,10 +27,17 @@ class ServedModel:
     privacy: str = privacy_summary(None, "")  # one line for the card (coordinator.privacy_record)
     calibration: str = ""  # one line for the card (calibration_summary)
     calibration_meta: dict[str, Any] | None = None  # the version's meta["calibration"]
+    task: str = ""  # the task served ("" = the model's first task); set from the model
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Every task the served version has a head for (the app offers no other)."""
+        return tuple(self.model.cfg.tasks)
 
     def __post_init__(self) -> None:
         if not self.calibration:  # built by hand (tests, benchmarks): say what the model has
             self.calibration = calibration_summary(None, "", self.model.temperature)
+        self.task = self.model.serve_task
 
 
 def _numbers(d: Any) -> dict[str, float]:
@@ -40,9 +47,10 @@ def _numbers(d: Any) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def load_served_model(path: Path, site_id: str) -> ServedModel:
+def load_served_model(path: Path, site_id: str, task: str | None = None) -> ServedModel:
     """`path`: a store root (has clinical.json), a version folder (model.pt + meta.json) or a
-    checkpoint file. Raises CheckpointError naming the path when nothing servable is there."""
+    checkpoint file; `task`: which of its tasks to serve (default: its first). Raises
+    CheckpointError naming the path when nothing servable is there or it lacks the task."""
     path = Path(path)
     if path.is_dir() and (path / CLINICAL).is_file():
         store = ModelStore(path)
@@ -51,20 +59,24 @@ def load_served_model(path: Path, site_id: str) -> ServedModel:
             raise CheckpointError(f"model store {str(path)!r} has no clinical version yet "
                                   "(promote one first)")
         store.verify(version)
-        return _from_version_dir(version.path, version.meta, site_id)
+        return _from_version_dir(version.path, version.meta, site_id, task)
     if path.is_dir() and (path / MODEL).is_file():
         meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
-        return _from_version_dir(path, meta, site_id)
+        return _from_version_dir(path, meta, site_id, task)
     if path.is_file():
-        model = load_checkpoint(path).eval()
+        model = load_checkpoint(path, task=task).eval()
         return ServedModel(model, f"file:{path.name}", source=str(path),
                            calibration=calibration_summary(None, "", model.temperature))
     raise CheckpointError(f"no model at {str(path)!r}: expected a model store (clinical.json), "
                           "a version folder (model.pt + meta.json) or a checkpoint file")
 
 
-def _from_version_dir(folder: Path, meta: dict[str, Any], site_id: str) -> ServedModel:
-    model = load_checkpoint(folder / MODEL).eval()
+def _from_version_dir(folder: Path, meta: dict[str, Any], site_id: str,
+                      task: str | None = None) -> ServedModel:
+    model = load_checkpoint(folder / MODEL, task=task).eval()
+    if model.serve_task != meta.get("task", model.cfg.task):
+        # the version's metrics and calibration are its own task's, not this one's
+        meta = {k: v for k, v in meta.items() if k not in ("metrics", "calibration")}
     hospitals = (meta.get("metrics") or {}).get("hospitals") or {}
     rnd = meta.get("round")
     cal = meta.get("calibration")

@@ -41,6 +41,7 @@ from vocab.audit import AuditLog
 from vocab.errors import DataError
 from vocab.feedback_store import Feedback, FeedbackStore
 from vocab.modalities import MODALITY_LABELS
+from vocab.tasks import get_task
 
 log = logging.getLogger(__name__)  # never logs case ids or values: handles and timings only
 RECENT = 64
@@ -96,15 +97,18 @@ class DiagnosisService:
     @classmethod
     def from_paths(cls, site_root: Path, model_path: Path, cache_dir: Path | None,
                    cfg: ExplainConfig, audit: AuditLog | None = None,
-                   scope_cfg: ScopeConfig | None = None, triage: TriageConfig | None = None
-                   ) -> DiagnosisService:
+                   scope_cfg: ScopeConfig | None = None, triage: TriageConfig | None = None,
+                   task: str | None = None) -> DiagnosisService:
         """Load the model and preprocess the site's worklist (hospital files are only read).
         `triage`: precompute the worklist into its cache (None: no cache and no background
         work; interactive calls are micro-batched either way)."""
         from hospital_node.dataset import read_site_config
 
         site_id = read_site_config(Path(site_root)).site_id
-        served = load_served_model(model_path, site_id)
+        served = load_served_model(model_path, site_id, task)
+        words = get_task(served.task)  # the decision, card and answers in the task's words
+        cfg = dataclasses.replace(cfg, positive=words.positive, negative=words.negative,
+                                  condition=words.condition)
         site = load_site(Path(site_root), served.model.cfg.inputs, cache_dir)
         log.info("worklist: %d usable cases; model %s", len(site.cases), served.version)
         return cls(served, site.cases, site.site_id, FeedbackStore.at_site(site_root), cfg,
@@ -404,8 +408,8 @@ class DiagnosisService:
         entry = self._entry(handle)
         e = entry.explanation
         fb = Feedback(entry.case.case_id, e.model_version, e.probability,
-                      int(e.decision == "malignant"), verdict,  # type: ignore[arg-type]
-                      corrected_label, comment.strip()[:2000], user)
+                      int(e.is_positive), verdict,  # type: ignore[arg-type]
+                      corrected_label, comment.strip()[:2000], user, task=self.served.task)
         row = self.feedback_store.add(fb)
         log.info("feedback stored (row %d, %s)", row, verdict)
         if self.audit is not None:  # the row, not its content: labels and comments stay there
@@ -419,7 +423,7 @@ class DiagnosisService:
         s = self.served
         lines = [
             f"### {e.decision.upper()} — {pct(e.probability)}",
-            f"Probability of malignancy {pct(e.probability)}; decision threshold "
+            f"Probability of {e.condition} {pct(e.probability)}; decision threshold "
             f"{pct(e.threshold)}.",
             "",
             f"**Calibration:** {s.calibration}",

@@ -60,7 +60,8 @@ FORMAT = 1
 # ---- keys ----
 def model_key(model: FedsightModel, version: str, cfg: ExplainConfig) -> str:
     """sha256 over the version id, every weight and buffer, the temperature and the settings."""
-    h = hashlib.sha256(f"{version}\x00{float(model.temperature)!r}\x00".encode())
+    h = hashlib.sha256(f"{version}\x00{float(model.temperature)!r}\x00{model.serve_task}\x00"
+                       .encode())
     h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode() + b"\x00")
@@ -113,6 +114,7 @@ def to_npz_payload(e: Explanation, model_k: str, content_k: str) -> dict[str, np
         "model_version": e.model_version, "probability": e.probability, "logit": e.logit,
         "temperature": e.temperature, "threshold": e.threshold,
         "uncertain_band": e.uncertain_band, "present": list(e.present),
+        "positive": e.positive, "negative": e.negative, "condition": e.condition,
         "missing": list(e.missing), "ct_top_slice": e.ct_top_slice,
         "ct_location": None if e.ct_location is None else {
             "voxel": list(e.ct_location.voxel),
@@ -154,6 +156,8 @@ def from_npz(z: Mapping[str, np.ndarray]) -> tuple[Explanation, dict[str, Any]]:
         experts=tuple(ExpertUse(int(b), int(x), int(t), tuple((str(s), int(n)) for s, n in by),
                                 bool(f)) for b, x, t, by, f in m["experts"]),
         timings_ms={},
+        positive=str(m.get("positive", "malignant")), negative=str(m.get("negative", "benign")),
+        condition=str(m.get("condition", "malignancy")),
     )
     return e, m
 
@@ -168,6 +172,7 @@ class Row:
     margin: float  # |p - threshold|: small = uncertain
     near_threshold: bool
     modalities: tuple[str, ...]
+    positive: bool = False  # at or above the threshold (the task's label-1 decision)
 
 
 OUT_OF_SCOPE = "out of scope"
@@ -178,7 +183,7 @@ def row_of(case_id: str, e: Explanation | None, modalities: tuple[str, ...] = ()
     if e is None:
         return Row(case_id, float("nan"), OUT_OF_SCOPE, float("nan"), False, modalities)
     return Row(case_id, e.probability, e.decision, abs(e.probability - e.threshold),
-               e.near_threshold, e.present)
+               e.near_threshold, e.present, e.is_positive)
 
 
 class TriageCache:
@@ -362,7 +367,7 @@ class TriageWorker:
 
 def sort_rows(rows: Iterable[Row], order: str = "triage") -> list[Row]:
     """Out-of-scope rows last, by id; the others by `order`.
-    triage: malignant or near-threshold first, then by probability (high first);
+    triage: positive (malignant) or near-threshold first, then by probability (high first);
     suspicion: probability high first; uncertainty: closest to the threshold first."""
     rows = list(rows)
     done = [r for r in rows if r.decision != OUT_OF_SCOPE]
@@ -372,6 +377,6 @@ def sort_rows(rows: Iterable[Row], order: str = "triage") -> list[Row]:
     if order == "uncertainty":
         return sorted(done, key=lambda r: (r.margin, -r.probability, r.case_id)) + refused
     if order == "triage":
-        return sorted(done, key=lambda r: (not (r.decision == "malignant" or r.near_threshold),
+        return sorted(done, key=lambda r: (not (r.positive or r.near_threshold),
                                            -r.probability, r.case_id)) + refused
     raise ValueError(f"worklist order must be triage, suspicion or uncertainty, got {order!r}")

@@ -18,7 +18,9 @@ from vocab.site_layout import FEEDBACK_DB
 
 Verdict = Literal["agree", "disagree"]
 VERDICTS: Final = ("agree", "disagree")
-SCHEMA_VERSION: Final = 1
+# 2: a task column (vocab.tasks); rows of a version-1 store read as the first task "nodule"
+SCHEMA_VERSION: Final = 2
+FIRST_TASK: Final = "nodule"  # vocab.tasks.DEFAULT_TASK (not imported: this module is stdlib-only)
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -31,7 +33,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     verdict TEXT NOT NULL CHECK (verdict IN ('agree', 'disagree')),
     corrected_label INTEGER CHECK (corrected_label IN (0, 1)),
     comment TEXT NOT NULL DEFAULT '',
-    user TEXT NOT NULL DEFAULT ''
+    user TEXT NOT NULL DEFAULT '',
+    task TEXT NOT NULL DEFAULT 'nodule'
 );
 CREATE INDEX IF NOT EXISTS feedback_case ON feedback (case_id);
 """
@@ -55,8 +58,12 @@ class Feedback:
     user: str = ""
     created_utc: str = ""
     id: int | None = None
+    task: str = FIRST_TASK  # which task's diagnosis this judges (its label is that task's)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.task, str) and self.task.replace("_", "").isalnum()
+                and self.task.islower() and len(self.task) <= 32):
+            raise DataError(f"feedback task must be a task id, got {self.task!r}")
         if self.verdict not in VERDICTS:
             raise DataError(f"feedback verdict must be one of {VERDICTS}, got {self.verdict!r}")
         if self.decision not in (0, 1):
@@ -96,6 +103,10 @@ class FeedbackStore:
         con = sqlite3.connect(self.path, timeout=10)
         if create:
             con.executescript(_DDL)
+            if not _has_task(con):  # a version-1 store: its rows are first-task feedback
+                with con:
+                    con.execute(f"ALTER TABLE feedback ADD COLUMN task TEXT NOT NULL DEFAULT "
+                                f"'{FIRST_TASK}'")
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return con
 
@@ -106,10 +117,10 @@ class FeedbackStore:
             with con:
                 cur = con.execute(
                     "INSERT INTO feedback (created_utc, case_id, model_version, probability, "
-                    "decision, verdict, corrected_label, comment, user) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "decision, verdict, corrected_label, comment, user, task) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (created, fb.case_id, fb.model_version, fb.probability, fb.decision,
-                     fb.verdict, fb.corrected_label, fb.comment, fb.user))
+                     fb.verdict, fb.corrected_label, fb.comment, fb.user, fb.task))
             return int(cur.lastrowid or 0)
         finally:
             con.close()
@@ -121,16 +132,23 @@ class FeedbackStore:
         except FileNotFoundError:
             return []
         try:
+            # read-only: a version-1 store (no task column) is read as first-task feedback
+            task = "task" if _has_task(con) else f"'{FIRST_TASK}'"
             rows = con.execute(
                 "SELECT case_id, model_version, probability, decision, verdict, "
-                "corrected_label, comment, user, created_utc, id FROM feedback ORDER BY id"
-            ).fetchall()
+                f"corrected_label, comment, user, created_utc, id, {task} FROM feedback "
+                "ORDER BY id").fetchall()
         except sqlite3.DatabaseError as e:
             raise DataError(f"feedback store {self.path} is unreadable: {e}") from e
         finally:
             con.close()
         return [Feedback(*r) for r in rows]
 
-    def labels(self) -> dict[str, int]:
-        """case_id -> label asserted by the latest feedback on that case (training labels)."""
-        return {fb.case_id: fb.label for fb in self.all()}
+    def labels(self, task: str = FIRST_TASK) -> dict[str, int]:
+        """case_id -> label of `task` asserted by the latest feedback on that case (training
+        labels); feedback on another task's diagnosis is not a label of this one."""
+        return {fb.case_id: fb.label for fb in self.all() if fb.task == task}
+
+
+def _has_task(con: sqlite3.Connection) -> bool:
+    return any(row[1] == "task" for row in con.execute("PRAGMA table_info(feedback)"))

@@ -25,8 +25,8 @@ DEFAULT_TASK: Final = "nodule"
 TASK_ID_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
 POLICIES: Final = ("fixed", "youden", "sensitivity", "specificity")
 _TOP: Final = frozenset({"task", "threshold"})
-_TASK_KEYS: Final = frozenset({"id", "description", "positive", "negative", "ehr_schema",
-                               "modalities"})
+_TASK_KEYS: Final = frozenset({"id", "description", "positive", "negative", "condition",
+                               "ehr_schema", "modalities"})
 _THRESHOLD_KEYS: Final = frozenset({"policy", "value"})
 MAX_TASK_BYTES: Final = 64_000
 
@@ -43,12 +43,14 @@ class ThresholdPolicy:
 
 @dataclass(frozen=True)
 class Task:
-    """One diagnosis task. `positive`: what label 1 means (shown to clinicians)."""
+    """One diagnosis task. positive / negative: the decision's words for label 1 / 0 (shown to
+    clinicians); condition: what the model's probability is a probability of."""
 
     id: str
     description: str
     positive: str
     negative: str
+    condition: str
     ehr_schema: str
     modalities: tuple[str, ...]
     threshold: ThresholdPolicy
@@ -115,7 +117,8 @@ def parse_task(doc: dict[str, Any], source: str) -> Task:
         raise _err(source, "threshold.value", f"expected a number in (0, 1), got {value!r}")
     schema = _text(source, t, "ehr_schema", "task")
     return Task(tid, _text(source, t, "description", "task"), _text(source, t, "positive", "task"),
-                _text(source, t, "negative", "task"), schema,
+                _text(source, t, "negative", "task"), _text(source, t, "condition", "task"),
+                schema,
                 tuple(m for m in MODALITIES if m in mods), ThresholdPolicy(policy, float(value)),
                 source)
 

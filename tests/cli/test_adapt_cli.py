@@ -113,7 +113,7 @@ def test_refusals_name_the_file_or_version_before_training(
     assert "unknown task 'sepsis'" in err
     tf = tmp_path / "heart.toml"
     tf.write_text('[task]\nid = "heart"\ndescription = "d"\npositive = "p"\nnegative = "n"\n'
-                  'ehr_schema = "uci-heart"\nmodalities = ["ehr"]\n')
+                  'condition = "c"\nehr_schema = "uci-heart"\nmodalities = ["ehr"]\n')
     err = _refused(["adapt", *common, "--task", str(tf), "--site", str(site)], capsys)
     assert "uci-heart" in err and "chest-v1" in err
     # fewer labelled cases than the minimum, more than exist
