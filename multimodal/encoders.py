@@ -106,17 +106,23 @@ class CTEncoder(nn.Module):
         self.evidence_proj = nn.Linear(2, cfg.d_model) if self.blob is not None else None
         self.n_tokens = cfg.ct_cells[0] * cfg.ct_cells[1] * cfg.ct_cells[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, D, H, W)
-        cells = self.avg_pool.output_size
+    def conv_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(last conv feature map (B, C, d, h, w), blob channel or None): the conv path, which
+        self-supervised pretraining (multimodal.pretrain) trains."""
         if self.blob is not None:
             blob = self.blob(x)  # (B, 1, D, H, W)
             h = self.stem(torch.cat([x, blob], 1)) + self.blob_proj(self.blob_max(blob))
         else:
+            blob = None
             h = self.stem(x)  # (B, C0, D/2, H/4, W/4)
-        f = self.feature_layer(self.stages(h))  # (B, C, d, h, w)
+        return self.feature_layer(self.stages(h)), blob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, D, H, W)
+        cells = self.avg_pool.output_size
+        f, blob = self.conv_features(x)  # (B, C, d, h, w)
         deep = torch.cat([self.avg_pool(f), self.max_pool(f)], 1)  # (B, 2C, *cells)
         tok = self.deep_gate * self.proj(deep.flatten(2).transpose(1, 2))  # (B, T, D)
-        if self.blob is not None:
+        if blob is not None:
             # a cell's mean blob response is ~1/100 of its max: both scaled to order 1
             ev = torch.cat([BLOB_GAIN * F.adaptive_max_pool3d(blob, cells),
                             EVIDENCE_MEAN_GAIN * F.adaptive_avg_pool3d(blob, cells)], 1)
