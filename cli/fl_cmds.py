@@ -106,6 +106,9 @@ def register_node_start(node_sub: argparse._SubParsersAction) -> None:
                    help="this hospital's SuperNode private key (OpenSSH ECDSA, node-<hospital> "
                    "from deploy/gen-certs.sh) when the coordinator uses --node-auth; its .pub "
                    "must be registered there; needs --tls")
+    n.add_argument("--models-dir", type=Path, default=None,
+                   help="folder of the published model versions this hospital holds (a "
+                   "federated adaptation round finds its base version here by content hash)")
     add_privacy_args(n)
     n.set_defaults(func=_node_start)
 
@@ -137,7 +140,8 @@ def _node_start(args: argparse.Namespace) -> int:
                            args.port, worker=not args.no_worker, auth_key=args.auth_key,
                            privacy_budget=args.privacy_budget, privacy_delta=args.privacy_delta,
                            privacy_ledger=args.privacy_ledger,
-                           privacy_ledger_key=args.privacy_ledger_key))
+                           privacy_ledger_key=args.privacy_ledger_key,
+                           models_dir=args.models_dir))
 
 
 def _coordinator_start(args: argparse.Namespace) -> int:

@@ -48,6 +48,8 @@ class NodeStart:
     privacy_delta: float | None = None
     privacy_ledger: Path | None = None
     privacy_ledger_key: Path | None = None
+    # Published model versions this hospital holds (federated adaptation finds its base here).
+    models_dir: Path | None = None
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.coordinator.rpartition(":")
@@ -91,6 +93,8 @@ def supernode_command(spec: NodeStart, site_id: str, worker_socket: Path | None 
         cfg.append(f"cache-dir={_toml_str(str(spec.cache_dir.resolve()))}")
     if worker_socket is not None:
         cfg.append(f"worker-socket={_toml_str(str(worker_socket))}")
+    if spec.models_dir is not None:
+        cfg.append(f"models-dir={_toml_str(str(spec.models_dir.resolve()))}")
     if spec.privacy_budget:
         cfg.append(f"privacy-budget={float(spec.privacy_budget)!r}")
     if spec.privacy_delta is not None:

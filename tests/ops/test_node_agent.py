@@ -309,3 +309,17 @@ def test_node_start_stops_the_worker_when_the_supernode_cannot_start(
         agent.start(NodeStart(tmp_path, "127.0.0.1:9", clientapp_port=free_port()))
     assert not list(tmp_path.glob(SOCKET_DIRS))
     assert not _pids_naming(str(tmp_path))
+
+
+def test_models_dir_reaches_the_node_config_the_task_reads(tmp_path: Path) -> None:
+    from hospital_node.task import NodeSettings
+
+    models = tmp_path / "published"
+    cmd = supernode_command(NodeStart(tmp_path, "127.0.0.1:9092", models_dir=models), "site_a")
+    node_cfg = cmd[cmd.index("--node-config") + 1]
+    assert f'models-dir="{models.resolve()}"' in node_cfg
+    pairs = dict(kv.split("=", 1) for kv in node_cfg.split(" "))
+    parsed = {k: v.strip('"') for k, v in pairs.items()}
+    assert NodeSettings.from_configs(parsed, {}).models_dir == models.resolve()
+    plain = supernode_command(NodeStart(tmp_path, "127.0.0.1:9092"), "site_a")
+    assert "models-dir" not in plain[plain.index("--node-config") + 1]
