@@ -167,7 +167,7 @@ class Cluster:
     def run(self, name: str, *extra: str) -> subprocess.Popen:
         return self.popen(self.topo.coordinator, [
             "coordinator", "run", "--coordinator", f"127.0.0.1:{self.port}", "--home",
-            str(self.home), "--timeout", "900", *self.tls_args(), *extra], name)
+            str(self.home), "--timeout", "1800", *self.tls_args(), *extra], name)
 
     # ---- hospitals ----
     def start_node(self, site: str) -> subprocess.Popen:
@@ -466,7 +466,7 @@ def _faults(c: Cluster, expect: Callable[[bool, str], None]) -> None:
 
 # ---- the wire, plaintext ---------------------------------------------------------------------
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2400)
 def test_plaintext_wire_carries_no_patient_data(topology: netns.Topology, federation: Path,
                                                 tmp_path: Path) -> None:
     if not shutil.which("tcpdump"):
