@@ -117,11 +117,12 @@ def build_adapted(base: FedsightModel, task: str, acfg: AdaptConfig) -> Fedsight
         return model
     own = model.state_dict()
     base_state = base.state_dict()
-    new = set(trainable_keys(model, task, acfg.method)) if acfg.method != "full" else set()
-    if acfg.method == "full":  # the base's first-task head and any extra heads are dropped
+    if acfg.method == "full":  # a fresh head; the base's heads and adapters are dropped
         new = {k for k in own if k.startswith("head.")}
         base_state = {k: v for k, v in base_state.items()
                       if not k.startswith(("head.", "task_heads.", "adapters."))}
+    else:  # the new task's head (and adapters) start fresh; everything else is the base's
+        new = set(trainable_keys(model, task, acfg.method))
     missing = sorted(set(own) - set(base_state) - new)
     if missing:
         raise ConfigError(f"the base model lacks {len(missing)} weight(s) the adapted model "
