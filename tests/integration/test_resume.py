@@ -6,6 +6,7 @@ round-1 version (parent chain 1 <- 2 <- 3). Two tiny hospitals; processes always
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,14 @@ def coordinator_run(port: int, home: Path, fed: Path, *extra: str) -> list[str]:
             "--run-config", f"cache-dir='{home.parent / 'cache'}'", *extra]
 
 
+def serverapp_log(out: str) -> str:
+    """The tail of the ServerApp log a failed `coordinator run` names (why the run failed)."""
+    m = re.search(r"ServerApp log: (\S+)\)", out)
+    if not m or not Path(m.group(1)).is_file():
+        return ""
+    return "\n--- ServerApp log (tail) ---\n" + Path(m.group(1)).read_text()[-6000:]
+
+
 def test_killed_run_resumes_from_the_last_stored_round(federation: Path, tmp_path: Path) -> None:
     home = tmp_path / "coord"
     store = ModelStore(home / "store")
@@ -71,7 +80,7 @@ def test_killed_run_resumes_from_the_last_stored_round(federation: Path, tmp_pat
         resumed = subprocess.run(coordinator_run(port, home, federation, "--resume"),
                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=700,
                                  check=False)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr + serverapp_log(resumed.stdout)
 
     versions = store.list_versions()
     assert [v.meta["round"] for v in versions] == [1, 2, 3]

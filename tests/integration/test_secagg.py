@@ -33,7 +33,7 @@ from tests.integration.tiny import TINY_MODEL, small_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-STAGE_TIMEOUT = 25  # secagg-timeout: seconds a SecAgg+ stage waits for silent hospitals
+STAGE_TIMEOUT = 40  # secagg-timeout: seconds a SecAgg+ stage waits for silent hospitals
 # Quantisation: clip 1, 2**24 levels -> one step 1.2e-7 on a weighted update value; the mean's
 # error is at most contributors x step / (summed weight of the group). With 4 hospitals of ~4
 # training cases, example-scale 10 (weights ~0.4) and token-scale 4000, this stays below 1e-4

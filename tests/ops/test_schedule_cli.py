@@ -15,8 +15,8 @@ from cli.main import main as fedsight_main
 from ops.schedule import RunLock
 
 
-def schedule(home: Path, *extra: str) -> list[str]:
-    return ["coordinator", "schedule", "--home", str(home), "--rule", "* * * * *", *extra]
+def schedule(home: Path, *extra: str, rule: str = "* * * * *") -> list[str]:
+    return ["coordinator", "schedule", "--home", str(home), "--rule", rule, *extra]
 
 
 def test_schedule_once_runs_a_due_slot_once_and_records_it(
@@ -24,16 +24,22 @@ def test_schedule_once_runs_a_due_slot_once_and_records_it(
 ) -> None:
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # `python -m cli.main` for the job
     home = tmp_path / "coord"
-    assert fedsight_main(schedule(home, "--once")) == 0
+    # An hourly slot 30 minutes ago: the next one is 30 minutes away, however long the
+    # started job takes on a loaded machine (a per-minute rule made the next slot due during it).
+    slot = datetime.now() - timedelta(minutes=30)
+    rule = f"{slot.minute} * * * *"
+    assert fedsight_main(schedule(home, "--once", rule=rule)) == 0
     assert "not due" in capsys.readouterr().out  # first call: counting starts now
     since = json.loads((home / "schedule" / "since.json").read_text())["since"]
-    earlier = datetime.fromisoformat(since) - timedelta(minutes=3)
+    earlier = datetime.fromisoformat(since) - timedelta(minutes=45)
     (home / "schedule" / "since.json").write_text(json.dumps({"since": earlier.isoformat()}))
 
-    assert fedsight_main(schedule(home, "--once", "--", "--run-config", "no-such-key=1")) == 0
+    assert fedsight_main(schedule(home, "--once", "--", "--run-config", "no-such-key=1",
+                                  rule=rule)) == 0
     entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert entry["status"] == "failed" and entry["exit_code"] == 2
-    assert fedsight_main(schedule(home, "--once")) == 0
+    assert entry["due"] == slot.replace(second=0, microsecond=0).isoformat()
+    assert fedsight_main(schedule(home, "--once", rule=rule)) == 0
     assert "not due" in capsys.readouterr().out  # that slot ran already
 
     assert fedsight_main(schedule(home, "--history")) == 0

@@ -18,6 +18,7 @@ from tests.explain.fixtures import tiny_model
 from ui.service import DiagnosisService
 from vocab.errors import CheckpointError
 from vocab.feedback_store import FeedbackStore
+from vocab.site_layout import FEEDBACK_DB
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def test_each_task_in_its_own_words_and_feedback_carries_it(
     site = tmp_path / "site"
     import shutil
 
-    shutil.copytree(site_root, site)
+    # The shared site may already hold other tests' feedback: this test starts from none.
+    shutil.copytree(site_root, site, ignore=shutil.ignore_patterns(Path(FEEDBACK_DB).name + "*"))
+    assert not FeedbackStore.at_site(site).path.exists()
     first = _service(site, two_task, tmp_path, None)
     fib = _service(site, two_task, tmp_path, "fibrosis")
     try:
