@@ -152,7 +152,18 @@ class ModelStore:
 
     # ---- runs (for resume and history) ----
     def write_run(self, run: Mapping[str, Any]) -> None:
-        _write_json(self.root / "runs" / f"{run['run_id']}.json", _json_safe(dict(run)))
+        path = self.root / "runs" / f"{run['run_id']}.json"
+        new = dict(run)
+        if new.get("status") == "running" and path.is_file():
+            old = _read_json(path)
+            # A run the operator's side ended (end_run after `flwr stop`, a timeout, Ctrl-C)
+            # stays ended against a late write of the ServerApp it stopped: that process may
+            # still finish a round before the stop reaches it, and on a busy machine it did,
+            # after the store said 'stopped'. A resume appends its Flower run id: a new write.
+            if old.get("status") in RUN_END_STATES and \
+                    old.get("flwr_run_ids") == new.get("flwr_run_ids"):
+                new |= {k: old[k] for k in ("status", "ended_reason", "finished") if k in old}
+        _write_json(path, _json_safe(new))
 
     def list_runs(self) -> list[dict[str, Any]]:
         d = self.root / "runs"

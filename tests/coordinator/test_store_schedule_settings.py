@@ -60,3 +60,20 @@ def test_settings_reject_unknown_keys_and_bad_types() -> None:
         RunSettings.from_run_config({"strategy": "krum"})
     with pytest.raises(ConfigError, match="model-json is not valid JSON"):
         RunSettings.from_run_config({"model-json": "{nope"})
+
+
+def test_a_stopped_run_stays_stopped_against_its_stopped_serverapps_late_write(
+        tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    run = {"run_id": "r-1", "status": "running", "flwr_run_ids": [11], "rounds": [],
+           "started": 1.0}
+    store.write_run(run)
+    store.end_run("r-1", "stopped", "interrupted by the operator")
+    # the ServerApp that `flwr stop` has not reached yet stores one more round
+    store.write_run({**run, "rounds": [{"round": 1}], "rounds_completed": 1})
+    [got] = store.list_runs()
+    assert (got["status"], got["ended_reason"]) == ("stopped", "interrupted by the operator")
+    assert got["rounds"] == [{"round": 1}] and got["rounds_completed"] == 1  # its record kept
+    # a resume serves the run with a new Flower run: it runs again
+    store.write_run({**got, "status": "running", "flwr_run_ids": [11, 12]})
+    assert store.list_runs()[0]["status"] == "running"
