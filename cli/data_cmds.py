@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sizes", default=None,
         help="comma-separated patients per site, one per --sites (default: the built-in table)",
     )
+    p.add_argument(
+        "--labelled-fraction", type=float, default=1.0,
+        help="share of each site's patients whose labels are written (default 1.0); the others "
+        "are unlabelled cases with images and EHR (for self-supervised pretraining)",
+    )
     p.set_defaults(func=_synth)
 
     node = sub.add_parser("node", help="hospital node agent: check data, start a SuperNode")
@@ -63,7 +68,8 @@ def _synth(args: argparse.Namespace) -> int:
         sizes = None if args.sizes is None else tuple(int(x) for x in args.sizes.split(","))
     except ValueError:
         raise ConfigError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
-    cfg = SynthConfig.default(n_sites=args.sites, seed=args.seed, sizes=sizes, tasks=tasks)
+    cfg = SynthConfig.default(n_sites=args.sites, seed=args.seed, sizes=sizes, tasks=tasks,
+                              labelled_fraction=args.labelled_fraction)
     summary = generate(cfg, args.out)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from coordinator.adaptation import AdaptPlan, plan_adaptation
 from coordinator.journal import ACCEPTED
+from coordinator.pretraining import PretrainPlan, initial_model_state, plan_pretraining
 from coordinator.privacy_record import privacy_block
 from coordinator.run_state import RunState
 from coordinator.settings import RunSettings
@@ -39,18 +40,14 @@ def model_config(settings: RunSettings) -> Any:
     return ModelConfig.from_dict(settings.json_overrides("model_json"))
 
 
-def initial_state(settings: RunSettings) -> dict[str, torch.Tensor]:
-    from multimodal.model import build_model
-
-    return build_model(model_config(settings), seed=settings.seed).state_dict()
-
-
 def write_model(state: dict[str, torch.Tensor], cfg: Any, path: Path,
                 temperature: float = 1.0, task: str = "",
-                temperatures: dict[str, float] | None = None) -> None:
+                temperatures: dict[str, float] | None = None,
+                checkpoint_meta: dict[str, Any] | None = None) -> None:
     """model.pt in multimodal.checkpoint's format (the UI loads it with load_checkpoint);
     `temperature`: the round's federated fit for `task` (default the first task; 1.0 =
-    uncalibrated, meta says which); `temperatures`: the other tasks' (an adapted base's)."""
+    uncalibrated, meta says which); `temperatures`: the other tasks' (an adapted base's);
+    `checkpoint_meta`: kept in the checkpoint (a pretraining version's kind and projectors)."""
     from multimodal.checkpoint import save_checkpoint
     from multimodal.model import FedsightModel
 
@@ -59,7 +56,7 @@ def write_model(state: dict[str, torch.Tensor], cfg: Any, path: Path,
     model.temperatures = {t: float(v) for t, v in (temperatures or {}).items() if t in cfg.tasks}
     model.use_task(task or cfg.task)
     model.temperature = float(temperature)
-    save_checkpoint(model, path)
+    save_checkpoint(model, path, meta=checkpoint_meta)
 
 
 def read_state(version: Version) -> dict[str, torch.Tensor]:
@@ -68,10 +65,12 @@ def read_state(version: Version) -> dict[str, torch.Tensor]:
     return read_checkpoint(version.model_path)["state_dict"]
 
 
-def train_config_record(settings: RunSettings, plan: AdaptPlan | None = None) -> ConfigRecord:
+def train_config_record(settings: RunSettings, plan: AdaptPlan | None = None,
+                        pre: PretrainPlan | None = None) -> ConfigRecord:
     """What every hospital needs each round (the strategy adds server-round, stage, mu), with the
     federation's EHR schema id and content hash: a node whose site schema differs refuses. An
-    adaptation round adds the task, the method, the base's hash and the adapted architecture."""
+    adaptation round adds the task, the method, the base's hash and the adapted architecture;
+    a pretraining round the pretraining config."""
     from vocab.ehr_schema import get_schema
 
     schema = get_schema(model_config(settings).inputs.ehr_schema)
@@ -81,6 +80,8 @@ def train_config_record(settings: RunSettings, plan: AdaptPlan | None = None) ->
     if plan is not None:
         extra |= {K.ADAPT: plan.method, K.BASE_SHA256: plan.base_sha256,
                   K.MODEL_JSON: json.dumps(plan.cfg.to_dict())}
+    if pre is not None:
+        extra[K.PRETRAIN_JSON] = pre.config_json()
     return ConfigRecord({
         K.LOCAL_EPOCHS: settings.local_epochs, K.LR: settings.lr,
         K.BATCH_SIZE: settings.batch_size, K.MODEL_JSON: settings.model_json,
@@ -123,10 +124,8 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
     if plan is None and settings.task and settings.task != cfg.task:
         raise ConfigError(f"task {settings.task!r}: the model's first task is {cfg.task!r}; "
                           f"train another task with adapt = lora|head (or a model-json task)")
-    state = read_state(store.get(run.last_version)) if run.last_version \
-        else plan.initial if plan is not None else initial_state(settings)
-    if plan is not None:  # only the arrays that travel (a resumed run's version is complete)
-        state = {k: state[k] for k in plan.initial}
+    pre = plan_pretraining(settings, cfg, store)
+    state = _start_arrays(store, settings, run, cfg, plan, pre)
     offset = run.rounds_completed
     run.flwr_run_ids.append(flwr_run_id)
     run.status, run.finished, run.ended_reason = "running", None, ""
@@ -140,14 +139,14 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
         "secure_aggregation": settings.secure_aggregation})
 
     strategy = build_strategy(settings, run)
-    on_round_end = _round_end_hook(store, strategy, settings, cfg, run, plan)
+    on_round_end = _round_end_hook(store, strategy, settings, cfg, run, plan, pre)
     remaining = settings.num_rounds - offset
     try:
         if remaining > 0:
             strategy.start(grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
                            timeout=settings.round_timeout,
-                           train_config=train_config_record(settings, plan),
-                           evaluate_config=train_config_record(settings, plan),
+                           train_config=train_config_record(settings, plan, pre),
+                           evaluate_config=train_config_record(settings, plan, pre),
                            evaluate_fn=on_round_end)
     except BaseException as e:
         # The error's type only: its text may quote anything a library put into it.
@@ -168,8 +167,26 @@ def run_federated(grid: Grid, settings: RunSettings, flwr_run_id: int = 0) -> Ru
     return RunOutcome(run.run_id, run.versions, run.rounds_completed, run.status)
 
 
+def _start_arrays(store: ModelStore, settings: RunSettings, run: RunState, cfg: Any,
+                  plan: AdaptPlan | None, pre: PretrainPlan | None) -> dict[str, torch.Tensor]:
+    """The arrays of the run's first (or resumed) round: only those that travel in an adaptation
+    or pretraining run (a stored version is complete), else the whole model."""
+    if run.last_version:
+        version = store.get(run.last_version)
+        if pre is not None:
+            return pre.resume_arrays(version.model_path)
+        state = read_state(version)
+        return {k: state[k] for k in plan.initial} if plan is not None else state
+    if plan is not None:
+        return plan.initial
+    if pre is not None:
+        return pre.initial
+    return initial_model_state(settings, cfg, store)
+
+
 def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunSettings,
-                    cfg: Any, run: RunState, plan: AdaptPlan | None = None):
+                    cfg: Any, run: RunState, plan: AdaptPlan | None = None,
+                    pre: PretrainPlan | None = None):
     """evaluate_fn for Strategy.start: called after each round's evaluation; stores the model
     (when the round aggregated) and the round's record, every selected hospital named."""
 
@@ -212,11 +229,15 @@ def _round_end_hook(store: ModelStore, strategy: PerExpertFedAvg, settings: RunS
             temperature = float(rec.calibration.get("temperature", 1.0))
             state = arrays.to_torch_state_dict()
             temps: dict[str, float] = {}
+            ck_meta: dict[str, Any] | None = None
             if plan is not None:
                 state, temps = plan.full_state(state), plan.base_temperatures
                 meta |= plan.meta()
+            if pre is not None:
+                ck_meta, state = pre.checkpoint_meta(state), pre.full_state(state)
+                meta |= pre.meta()
             version = store.add_version(lambda p: write_model(
-                state, cfg, p, temperature, settings.task, temps), meta)
+                state, cfg, p, temperature, settings.task, temps, ck_meta), meta)
             run.last_version = version.id
             run.versions.append(version.id)
             entry["version"] = version.id

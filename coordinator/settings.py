@@ -112,6 +112,15 @@ class RunSettings:
     # Simulation only: where the virtual hospitals find published versions (the base); a real
     # hospital sets its own node config models-dir.
     models_dir: str = ""
+    # Federated self-supervised pretraining (docs/pretraining.md): every hospital's cases with a
+    # CT or pathology image, labelled or not, train the image encoders with VICReg; only the
+    # encoders and their projectors travel; each round's version is kind "pretrained" (no
+    # trained head: the app and `fedsight evaluate` refuse to serve it). pretrain-json:
+    # multimodal.pretrain.PretrainConfig overrides. init-encoders: a pretrained version (id of
+    # store-dir, version folder or model.pt) whose encoder weights start this run's model.
+    pretrain: bool = False
+    pretrain_json: str = "{}"
+    init_encoders: str = ""
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -145,7 +154,7 @@ class RunSettings:
             raise ConfigError(f"robust-beta must be in [0, 0.5) and robust-byzantine >= 0, got "
                               f"{self.robust_beta!r}/{self.robust_byzantine!r}")
         self._check_secure_aggregation()
-        for key in ("model_json", "train_json"):
+        for key in ("model_json", "train_json", "pretrain_json"):
             self.json_overrides(key)
         check_dp_params(self.dp_noise_multiplier, self.dp_max_grad_norm)
         self._check_adapt()
@@ -165,6 +174,13 @@ class RunSettings:
         if self.adapt != "none" and (self.secure_aggregation or self.strategy == "fedadam"):
             raise ConfigError("adapt needs strategy fedavg|fedprox without secure-aggregation "
                               "(not built for adapter rounds)")
+        if self.pretrain and (self.adapt != "none" or self.task or self.secure_aggregation
+                              or self.dp_noise_multiplier or self.strategy == "fedadam"):
+            raise ConfigError("pretrain = true reads no labels: it takes no task or adapt, and "
+                              "is not built with secure-aggregation, DP-SGD or fedadam")
+        if self.init_encoders and self.adapt != "none":
+            raise ConfigError("init-encoders starts a new model; an adaptation run keeps its "
+                              "base's encoders (adapt-base)")
 
     def _check_secure_aggregation(self) -> None:
         for key in ("secagg_clipping_range", "secagg_timeout", "secagg_example_scale",

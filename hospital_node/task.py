@@ -102,6 +102,7 @@ class RoundConfig:
     task: str = ""  # whose labels train ("" = the model's first task)
     adapt: str = "none"  # vocab.records.ADAPT_METHODS
     base_sha256: str = ""  # the base version (adapt rounds)
+    pretrain_json: str = ""  # non-empty: a self-supervised pretraining round (its config)
 
     def __post_init__(self) -> None:
         # Wire values: echoed in a refusal that goes back to the coordinator, so keep them plain.
@@ -119,6 +120,8 @@ class RoundConfig:
                 self.task and _SHA256.fullmatch(str(self.base_sha256)))):
             raise ConfigError("round config adapt needs one of none|lora|head, and with lora or "
                               "head a task and base-sha256 (sha256 hex)")
+        if self.pretrain_json and (self.adapt != "none" or self.task):
+            raise ConfigError("round config pretrain-json takes no task or adapt")
         if bool(self.ehr_schema) != bool(self.ehr_schema_hash) or (
                 self.ehr_schema_hash and not _SHA256.fullmatch(str(self.ehr_schema_hash))):
             raise ConfigError("round config needs ehr-schema and ehr-schema-hash (sha256 hex) "
@@ -134,7 +137,7 @@ class RoundConfig:
                  K.DP_NOISE_MULTIPLIER: "dp_noise_multiplier",
                  K.DP_MAX_GRAD_NORM: "dp_max_grad_norm", K.TRANSPORT: "transport",
                  K.SPARSE_EXPERTS: "sparse_experts", K.TASK: "task", K.ADAPT: "adapt",
-                 K.BASE_SHA256: "base_sha256"}
+                 K.BASE_SHA256: "base_sha256", K.PRETRAIN_JSON: "pretrain_json"}
         unknown = sorted(set(config) - set(names))
         if unknown:
             raise ConfigError(f"unknown round config key(s) {unknown}; known: {sorted(names)}")
@@ -268,6 +271,10 @@ def train(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any], start_ste
     from multimodal.dp import plan
     from multimodal.train import train_local
 
+    if cfg.pretrain_json:
+        from hospital_node.pretrain_round import pretrain
+
+        return pretrain(node, cfg, state, start_step)
     model = _model(cfg, state, node)
     data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases, cfg.task)
     if not data.train:
@@ -344,6 +351,10 @@ def evaluate(node: NodeSettings, cfg: RoundConfig, state: dict[str, Any]
     from multimodal.evaluate import predict_logits
     from multimodal.metrics import auc, threshold_metrics
 
+    if cfg.pretrain_json:
+        from hospital_node.pretrain_round import evaluate_objective
+
+        return evaluate_objective(node, cfg, state)
     model = _model(cfg, state, node)
     data = site_data(node, model.cfg.inputs, cfg.seed, cfg.max_cases, cfg.task)
     n = len(data.test)

@@ -17,6 +17,7 @@ from vocab.errors import CheckpointError, ConfigError
 
 FORMAT = "fedsight-model"
 VERSION = 1
+PRETRAINED_KIND = "pretrained"  # meta "kind" of a pretraining version (coordinator.pretraining)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -91,8 +92,14 @@ def load_checkpoint(path: str | Path, expected: ModelConfig | None = None,
                     task: str | None = None) -> FedsightModel:
     """Build the model stored in `path`, serving `task` (default: its first task). If
     `expected` is given and differs from the stored config, raise CheckpointError naming the
-    differing keys; a task the checkpoint has no head for is a CheckpointError too."""
+    differing keys; a task the checkpoint has no head for is a CheckpointError too, and so is
+    a pretraining version (its encoders were pretrained, its head never trained)."""
     ck = read_checkpoint(path)
+    if (ck.get("meta") or {}).get("kind") == PRETRAINED_KIND:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a self-supervised pretraining version: its encoders "
+            "are pretrained but no task head was trained, so it gives no diagnosis; start a "
+            "task run from it (run config init-encoders) and use that run's versions")
     if expected is not None:
         diff = config_diff(expected.to_dict(), stored_config(ck))
         if diff:

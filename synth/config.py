@@ -186,6 +186,10 @@ class SynthConfig:
     # near 1 = the same patients are at risk. 0.7 makes the labels correlated (phi ~0.09) but far
     # from identical, so a nodule model transfers some, not all, of what fibrosis needs.
     fibrosis_coupling: float = 0.7
+    # Share of each site's patients whose labels are written; the others keep their images and
+    # EHR but appear in no labels file (a hospital holds far more images than labels: the
+    # self-supervised pretraining stage learns from them). Truth keeps every label.
+    labelled_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         tasks = self.tasks
@@ -204,6 +208,10 @@ class SynthConfig:
         if not 0.0 <= self.fibrosis_coupling < 1.0:
             raise ConfigError(
                 f"fibrosis_coupling must be in [0, 1), got {self.fibrosis_coupling!r}"
+            )
+        if not 0.0 < self.labelled_fraction <= 1.0:
+            raise ConfigError(
+                f"labelled_fraction must be in (0, 1], got {self.labelled_fraction!r}"
             )
         if not self.sites:
             raise ConfigError("a federation needs at least one site")

@@ -52,11 +52,14 @@ _S_CASE, _S_CT, _S_PATH, _S_EHR = 0, 1, 2, 3
 # turning fibrosis on never changes a nodule draw.
 _S_FIB_CT, _S_FIB_PATH, _S_FIB_EHR = 4, 5, 6
 _FIB_LATENT_KEY = (0, 1)
+_S_LABELLED = 7  # whether a case's labels are written (SynthConfig.labelled_fraction < 1)
 FIBROSIS = "fibrosis"
 # SynthConfig fields that exist only for the second disease: left out of the manifest when it is
 # off, so a one-task federation.json stays byte-identical to what earlier versions wrote.
 _TASK_ONLY_FIELDS = ("tasks", "fibrosis_model", "fibrosis_coupling")
 _TASK_ONLY_SITE_FIELDS = ("fibrosis_prevalence",)
+# Likewise written only when not the default (every label written).
+_DEFAULT_ONLY_FIELDS = {"labelled_fraction": 1.0}
 
 
 def case_id_for(site: SiteConfig, index: int) -> str:
@@ -120,8 +123,14 @@ def _generate_site(
 
     truths: list[CaseTruth] = []
     ehr_rows, label_rows, fib_rows = [], [], []
+    unlabelled: list[str] = []
     for j in range(site.n_cases):
         cid = case_id_for(site, j)
+        labelled = cfg.labelled_fraction >= 1.0 or (
+            float(rng_for(cfg.seed, index, j + 1, _S_LABELLED).random()) < cfg.labelled_fraction
+        )
+        if not labelled:
+            unlabelled.append(cid)
         r_case = rng_for(cfg.seed, index, j + 1, _S_CASE)
         has_ct = bool(r_case.random() >= site.ct_missing_rate)
         has_path = bool(r_case.random() >= site.path_missing_rate)
@@ -179,10 +188,12 @@ def _generate_site(
         )
         modalities.append("ehr")
         ehr_rows.append([cid, *(format_value(k, ehr[k]) for k in SCHEMA.names)])
-        label_rows.append([cid, str(int(draw.label[j]))])
+        if labelled:
+            label_rows.append([cid, str(int(draw.label[j]))])
         tasks: dict[str, dict[str, Any]] = {}
         if fib is not None:
-            fib_rows.append([cid, str(int(fib.label[j]))])
+            if labelled:
+                fib_rows.append([cid, str(int(fib.label[j]))])
             tasks[FIBROSIS] = _task_truth(fib, j)
         truths.append(
             CaseTruth(
@@ -208,6 +219,8 @@ def _generate_site(
     _write_csv(root / EHR_FILE, [CASE_ID_COLUMN, *SCHEMA.names], ehr_rows)
     _write_csv(root / LABELS_FILE, [CASE_ID_COLUMN, LABEL_COLUMN], label_rows)
     extra: dict[str, Any] = {"b0": round(draw.b0, 6), "path_tile_px": cfg.path_tile_px}
+    if cfg.labelled_fraction < 1.0:
+        extra["unlabelled"] = unlabelled
     if fib is not None:
         fib_file = root / labels_file(FIBROSIS)
         fib_file.parent.mkdir(exist_ok=True)
@@ -228,6 +241,8 @@ def _generate_site(
         "prevalence_target": site.prevalence,
         "prevalence_observed": round(n_pos / site.n_cases, 4),
     }
+    if cfg.labelled_fraction < 1.0:
+        summary["n_unlabelled"] = len(unlabelled)
     if fib is not None:  # only then: a one-task manifest keeps its bytes
         n_fib = int(fib.label.sum())
         summary["tasks"] = {
@@ -257,6 +272,9 @@ def _task_truth(d: Draw, j: int) -> dict[str, Any]:
 def _config_doc(cfg: SynthConfig) -> dict[str, Any]:
     """asdict(cfg) for the manifest; second-disease knobs only when that disease is on."""
     doc = asdict(cfg)
+    for k, default in _DEFAULT_ONLY_FIELDS.items():
+        if doc[k] == default:
+            del doc[k]
     if FIBROSIS not in cfg.tasks:
         for k in _TASK_ONLY_FIELDS:
             del doc[k]
@@ -317,14 +335,14 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1) -> dict[str, Any]:
             "ehr": sum(s["n_ehr"] for s in sites),
         },
         "sites": sites,
-        "oracle_auc": _oracle_aucs(
+        "oracle_auc": oracle_aucs(
             cfg.label_model,
             [(t.logit, t.latents, t.scores, t.label) for t in truths],
         ),
     }
     if len(cfg.tasks) > 1:
         summary["oracle_auc_tasks"] = manifest["oracle_auc_tasks"] = {
-            FIBROSIS: _oracle_aucs(
+            FIBROSIS: oracle_aucs(
                 cfg.fibrosis_model,
                 [
                     (d["logit"], d["latents"], d["scores"], d["label"])
@@ -337,7 +355,7 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1) -> dict[str, Any]:
     return summary
 
 
-def _oracle_aucs(
+def oracle_aucs(
     lm: LabelModel, rows: list[tuple[float, dict[str, float], dict[str, float], int]]
 ) -> dict[str, float]:
     """Pooled AUC ceilings of one task: Bayes (all latents) and each modality combination's

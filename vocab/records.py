@@ -52,6 +52,11 @@ TASK: Final = "task"
 ADAPT: Final = "adapt"
 BASE_SHA256: Final = "base-sha256"
 ADAPT_METHODS: Final = ("none", "lora", "head")
+# Federated self-supervised pretraining of the image encoders (multimodal.pretrain): the
+# PretrainConfig as JSON; present and non-empty = a pretraining round. Only the CT / pathology
+# encoders and their projectors travel; the held-out loss a hospital reports is the VICReg
+# objective on fixed views of its held-out cases (no labels are read).
+PRETRAIN_JSON: Final = "pretrain-json"
 
 # ---- hospital -> coordinator: MetricRecord "metrics" (train and evaluate replies) ----
 TRAIN_LOSS: Final = "train-loss"

@@ -87,7 +87,7 @@ def test_runs_are_audited_started_finished_failed(tmp_path: Path,
     from coordinator import runner
     from coordinator.strategy import PerExpertFedAvg
 
-    monkeypatch.setattr(runner, "initial_state", lambda s: {"w": torch.zeros(2)})
+    monkeypatch.setattr(runner, "initial_model_state", lambda s, c, st: {"w": torch.zeros(2)})
     monkeypatch.setattr(PerExpertFedAvg, "start", lambda self, grid, **kw: None)
     settings = RunSettings(store_dir=str(tmp_path), num_rounds=2, run_name="audit")
     outcome = runner.run_federated(None, settings, flwr_run_id=7)  # type: ignore[arg-type]
