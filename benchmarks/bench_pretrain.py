@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -47,7 +48,7 @@ from multimodal.pretrain import (
 )
 from multimodal.train import train_local
 
-VARIANTS = ("ct", "path", "fused", "late", "fused-noalign", "fused-equal")
+VARIANTS = ("ct", "path", "ehr", "fused", "late", "fused-noalign", "fused-equal")
 
 
 def variant_config(name: str, base: ModelConfig) -> ModelConfig:
@@ -81,6 +82,16 @@ def federation(work: Path, seed: int, sizes: tuple[int, ...], labelled: float,
         loaded = load_site(root, cfg.inputs, work / "cache")
         sites[loaded.site_id] = loaded.cases
     return sites, fed
+
+
+def with_truth_labels(fed: Path, cases: list[PreparedCase]) -> list[PreparedCase]:
+    """Test cases whose labels the federation did not write get the generator's (evaluation
+    only: a bigger test set; pretraining and training never see test-split cases)."""
+    from synth.truth import load_truth
+
+    truth = {s: load_truth(fed, s) for s in {c.site_id for c in cases}}
+    return [c if c.label is not None else
+            dataclasses.replace(c, label=truth[c.site_id][c.case_id].label) for c in cases]
 
 
 def oracle_on(fed: Path, cases: list[PreparedCase]) -> dict[str, float]:
@@ -142,7 +153,7 @@ def train_variant(name: str, mcfg: ModelConfig, tcfg: TrainConfig, train: list[P
         load_pretrained_encoders(model, pre, mods)
     res = train_local(model, train, variant_train(name, tcfg))
     rep = evaluate(model, {"all": test})
-    combo = name if name in ("ct", "path") else "ct+path+ehr"
+    combo = name if name in ("ct", "path", "ehr") else "ct+path+ehr"
     out = {"auc": rep.row("pooled", "available").auc, "minutes": res.seconds / 60}
     r3 = rep.row("pooled", combo)
     out["auc_" + combo] = r3.auc if r3 else float("nan")
@@ -178,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for gs in [int(x) for x in args.gen_seeds.split(",")]:
         t0 = time.perf_counter()
         sites, fed = federation(args.work, gs, sizes, args.labelled_fraction, mcfg)
-        test = [c for cs in sites.values() for c in cs
-                if c.label is not None and split_of(c.case_id, 0) == "test"]
+        test = with_truth_labels(fed, [c for cs in sites.values() for c in cs
+                                       if split_of(c.case_id, 0) == "test"])
         train_lab = [c for cs in sites.values() for c in cs
                      if c.label is not None and split_of(c.case_id, 0) == "train"]
         images = {s: [c for c in cs if split_of(c.case_id, 0) == "train"
@@ -202,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "models": {}}
         for name in args.only.split(","):
             for tag, state in (("scratch", None), ("pretrained", pre)):
+                if name == "ehr" and tag == "pretrained":  # no image encoder: the same model
+                    row["models"][f"{name}/{tag}"] = row["models"][f"{name}/scratch"]
+                    continue
                 r = train_variant(name, mcfg, tcfg, train_lab, test, state)
                 row["models"][f"{name}/{tag}"] = r  # type: ignore[index]
                 print(f"  {name:14s} {tag:10s} AUC {r['auc']:.3f} "
@@ -215,27 +229,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: dict) -> str:
-    """The docs/benchmarks.md table: one line per seed and model, scratch vs pretrained."""
-    lines = ["| seed | model | ceiling | scratch | pretrained | gain |",
-             "|---|---|---|---|---|---|"]
+    """The docs/benchmarks.md tables: per seed and model, scratch vs pretrained (pooled test
+    AUC on cases as available, and a single-modality model on the cases with its modality
+    against the generator's oracle for that modality on the same cases), then fused against
+    the best single-modality model and late fusion."""
+    lines = ["| seed | model | AUC scratch | AUC pretrained | gain | own-modality cases: "
+             "oracle / scratch / pretrained |", "|---|---|---|---|---|---|"]
     for gs, row in results["seeds"].items():
         oracle = row["oracle"]
         for key in sorted({k.split("/")[0] for k in row["models"]},
                           key=lambda n: VARIANTS.index(n)):
             s, p = row["models"][f"{key}/scratch"], row["models"][f"{key}/pretrained"]
-            single = key in ("ct", "path")  # on the cases with that modality
-            o = oracle[key + "_on_own_cases"] if single else oracle["bayes"]
-            a = "auc_" + key if single else "auc"
-            lines.append(f"| {gs} | {key} | {o:.3f} | {s[a]:.3f} | {p[a]:.3f} | "
-                         f"{p[a] - s[a]:+.3f} |")
+            own = ""
+            if key in ("ct", "path"):
+                a = "auc_" + key
+                own = f"{oracle[key + '_on_own_cases']:.3f} / {s[a]:.3f} / {p[a]:.3f}"
+            lines.append(f"| {gs} | {key} | {s['auc']:.3f} | {p['auc']:.3f} | "
+                         f"{p['auc'] - s['auc']:+.3f} | {own} |")
+    lines += ["", "| seed | encoders | fused | best single | fused - best single | "
+              "fused - late | noalign - fused | equal-weighting - fused |",
+              "|---|---|---|---|---|---|---|---|"]
+    for gs, row in results["seeds"].items():
         for tag in ("scratch", "pretrained"):
             m = {k.split("/")[0]: v["auc"] for k, v in row["models"].items()
                  if k.endswith("/" + tag)}
-            singles = [m[k] for k in ("ct", "path") if k in m]
-            if "fused" in m and singles:
-                lines.append(f"| {gs} | fused - best image-only ({tag}) | | | | "
-                             f"{m['fused'] - max(singles):+.3f} |")
-    return "\n".join(lines) + "\n\nmean objective curves: " + json.dumps(
+            singles = {k: m[k] for k in ("ct", "path", "ehr") if k in m}
+            if "fused" not in m or not singles:
+                continue
+            best = max(singles, key=lambda k: singles[k])
+            d = {k: (f"{m[k] - m['fused']:+.3f}" if k in m else "")
+                 for k in ("fused-noalign", "fused-equal")}
+            late = f"{m['fused'] - m['late']:+.3f}" if "late" in m else ""
+            lines.append(f"| {gs} | {tag} | {m['fused']:.3f} | {best} {singles[best]:.3f} | "
+                         f"{m['fused'] - singles[best]:+.3f} | {late} | {d['fused-noalign']} | "
+                         f"{d['fused-equal']} |")
+    return "\n".join(lines) + "\n\nheld-out objective by pretraining round: " + json.dumps(
         {gs: [round(x, 2) for x in row["objective"]] for gs, row in results["seeds"].items()})
 
 

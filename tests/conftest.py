@@ -24,6 +24,7 @@ LONG = {
     "integration/test_secagg.py": 490,
     "integration/test_deployment.py": 200,
     "integration/test_federated_adapt.py": 190,
+    "integration/test_federated_pretrain.py": 110,
     "integration/test_superlink_restart.py": 170,
     "integration/test_run_lifecycle.py": 145,
     "integration/test_resume.py": 100,
