@@ -48,10 +48,15 @@ from multimodal.pretrain import (
 )
 from multimodal.train import train_local
 
-VARIANTS = ("ct", "path", "ehr", "fused", "late", "fused-noalign", "fused-equal")
+VARIANTS = ("ct", "path", "ehr", "fused", "late", "fused-noalign", "fused-equal", "ct-open",
+            "fused-open")
+OPEN_GATE = 1.0  # "-open": the learned CT conv path starts with its gate open (default shut, 0)
 
 
 def variant_config(name: str, base: ModelConfig) -> ModelConfig:
+    if name.endswith("-open"):
+        return variant_config(name.removesuffix("-open"), base).replace(
+            ct_deep_gate_init=OPEN_GATE)
     if name in ("ct", "path", "ehr"):
         return base.replace(modalities=(name,))
     if name == "late":
@@ -117,8 +122,9 @@ def federated_pretrain(sites: dict[str, list[PreparedCase]], test: list[Prepared
     heads = SSLHeads(model, pcfg)
     mods = tuple(heads.proj)
     keys = encoder_keys(model, mods)
-    curve = [sum(objective(model, heads, test, pcfg, seed=99).values())]
-    print(f"  pretrain round 0: held-out objective {curve[0]:.3f}", flush=True)
+    parts = objective(model, heads, test, pcfg, seed=99)
+    curve = [sum(parts.values())]
+    print(f"  pretrain round 0: held-out objective {curve[0]:.3f} {_rounded(parts)}", flush=True)
     for r in range(1, rounds + 1):
         sums: dict[str, torch.Tensor] = {}
         total = 0
@@ -137,10 +143,15 @@ def federated_pretrain(sites: dict[str, list[PreparedCase]], test: list[Prepared
         for k in keys:
             sd[k].copy_(avg[k].to(sd[k].dtype))
         heads.load_state_dict({k[4:]: v.float() for k, v in avg.items() if k.startswith("ssl.")})
-        curve.append(sum(objective(model, heads, test, pcfg, seed=99).values()))
-        print(f"  pretrain round {r}: held-out objective {curve[-1]:.3f} "
+        parts = objective(model, heads, test, pcfg, seed=99)
+        curve.append(sum(parts.values()))
+        print(f"  pretrain round {r}: held-out objective {curve[-1]:.3f} {_rounded(parts)} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return {k: model.state_dict()[k].clone() for k in keys}, curve, time.perf_counter() - t0
+
+
+def _rounded(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in d.items()}
 
 
 def train_variant(name: str, mcfg: ModelConfig, tcfg: TrainConfig, train: list[PreparedCase],
@@ -153,7 +164,8 @@ def train_variant(name: str, mcfg: ModelConfig, tcfg: TrainConfig, train: list[P
         load_pretrained_encoders(model, pre, mods)
     res = train_local(model, train, variant_train(name, tcfg))
     rep = evaluate(model, {"all": test})
-    combo = name if name in ("ct", "path", "ehr") else "ct+path+ehr"
+    single = name.removesuffix("-open")
+    combo = single if single in ("ct", "path", "ehr") else "ct+path+ehr"
     out = {"auc": rep.row("pooled", "available").auc, "minutes": res.seconds / 60}
     r3 = rep.row("pooled", combo)
     out["auc_" + combo] = r3.auc if r3 else float("nan")
@@ -168,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-seeds", default="31,32,33")
     ap.add_argument("--sizes", default="120,120,120,120")
     ap.add_argument("--labelled-fraction", type=float, default=0.4)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=None, help="task training epochs override")
     ap.add_argument("--only", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
@@ -241,9 +253,12 @@ def table(results: dict) -> str:
                           key=lambda n: VARIANTS.index(n)):
             s, p = row["models"][f"{key}/scratch"], row["models"][f"{key}/pretrained"]
             own = ""
-            if key in ("ct", "path"):
-                a = "auc_" + key
-                own = f"{oracle[key + '_on_own_cases']:.3f} / {s[a]:.3f} / {p[a]:.3f}"
+            mod = key.removesuffix("-open")
+            if mod in ("ct", "path"):
+                a = "auc_" + mod
+                own = f"{oracle[mod + '_on_own_cases']:.3f} / {s[a]:.3f} / {p[a]:.3f}"
+            if "ct_gate" in s:
+                own += f" (CT gate {s['ct_gate']:.2f} / {p['ct_gate']:.2f})"
             lines.append(f"| {gs} | {key} | {s['auc']:.3f} | {p['auc']:.3f} | "
                          f"{p['auc'] - s['auc']:+.3f} | {own} |")
     lines += ["", "| seed | encoders | fused | best single | fused - best single | "

@@ -91,9 +91,15 @@ class SSLHeads(nn.Module):
             for m in cfg.modalities if m in model.cfg.modalities})
 
 
+# What VICReg trains (`features`): the CT conv path and the pathology backbone. The token
+# projections, the CT learned-path gate and the nodule evidence are the task's and never
+# pretrained, so a task model keeps its own (e.g. another ct_deep_gate_init).
+PRETRAINED_PARTS = {"ct": ("stem.", "blob.", "blob_proj.", "stages."), "path": ("backbone.",)}
+
+
 def encoder_keys(model: FedsightModel, modalities: Sequence[str] = SSL_MODALITIES) -> list[str]:
-    """State-dict keys of the pretrained encoders (what a pretraining run moves)."""
-    prefixes = tuple(f"encoders.{m}." for m in modalities)
+    """State-dict keys of the pretrained encoder parts (what a pretraining run moves)."""
+    prefixes = tuple(f"encoders.{m}.{p}" for m in modalities for p in PRETRAINED_PARTS[m])
     return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
