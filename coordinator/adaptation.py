@@ -9,13 +9,12 @@ a stored version is a complete two-task model like any other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from coordinator.settings import RunSettings
-from coordinator.store import ModelStore, StoreError, sha256_file
+from coordinator.store import ModelStore, sha256_file
 from vocab.errors import ConfigError
 
 
@@ -41,20 +40,6 @@ class AdaptPlan:
                           "arrays": sorted(self.initial)}}
 
 
-def _base_path(settings: RunSettings, store: ModelStore) -> tuple[Path, str]:
-    p = Path(settings.adapt_base)
-    if p.suffix == ".pt" or p.is_file():
-        return p, ""
-    if p.is_dir():
-        return p / "model.pt", p.name
-    try:
-        v = store.get(settings.adapt_base)
-    except StoreError as e:
-        raise ConfigError(f"adapt-base {settings.adapt_base!r}: not a model.pt, a version "
-                          f"folder, or a version of store {store.root}: {e}") from None
-    return v.model_path, v.id
-
-
 def plan_adaptation(settings: RunSettings, store: ModelStore) -> AdaptPlan | None:
     """None for an ordinary run; else the base (read only), the adapted config and the arrays
     that travel. ConfigError naming the base when it cannot take the task."""
@@ -65,7 +50,7 @@ def plan_adaptation(settings: RunSettings, store: ModelStore) -> AdaptPlan | Non
     from vocab.tasks import get_task
 
     task = get_task(settings.task)
-    path, version = _base_path(settings, store)
+    path, version = store.resolve(settings.adapt_base, "adapt-base")
     digest = sha256_file(path) if path.is_file() else ""
     base = load_checkpoint(path)
     if task.ehr_schema != base.cfg.inputs.ehr_schema:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from coordinator.settings import RunSettings
-from coordinator.store import ModelStore, StoreError
+from coordinator.store import ModelStore
 from vocab.errors import CheckpointError, ConfigError
 
 KIND = "pretrained"  # version meta "kind"; the checkpoint's is multimodal.checkpoint's (a test)
@@ -74,26 +74,13 @@ class PretrainPlan:
         return out
 
 
-def _version_path(ref: str, store: ModelStore, key: str) -> Path:
-    p = Path(ref)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        return p / "model.pt"
-    try:
-        return store.get(ref).model_path
-    except StoreError as e:
-        raise ConfigError(f"{key} {ref!r}: not a model.pt, a version folder, or a version of "
-                          f"store {store.root}: {e}") from None
-
-
 def with_pretrained_encoders(model: Any, ref: str, store: ModelStore) -> list[str]:
     """Copy the encoders of pretrained version `ref` into `model` (ConfigError naming the version
     when it is not a pretraining version or its encoders do not fit this model)."""
     from multimodal.checkpoint import read_checkpoint
     from multimodal.pretrain import load_pretrained_encoders
 
-    path = _version_path(ref, store, "init-encoders")
+    path, _ = store.resolve(ref, "init-encoders")
     try:
         ck = read_checkpoint(path)
     except CheckpointError as e:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vocab import audit
-from vocab.errors import FedsightError
+from vocab.errors import ConfigError, FedsightError
 
 META = "meta.json"
 MODEL = "model.pt"
@@ -132,6 +132,21 @@ class ModelStore:
             if d.is_dir() and not d.name.startswith(".") and (d / META).is_file():
                 out.append(Version(d.name, d, _read_json(d / META)))
         return sorted(out, key=lambda v: v.meta.get("seq", 0))
+
+    def resolve(self, ref: str, key: str) -> tuple[Path, str]:
+        """(model.pt path, version id or "") of a run-config reference `key` = `ref`: a model.pt
+        path, a version folder, or a version id of this store (ConfigError naming both)."""
+        p = Path(ref)
+        if p.suffix == ".pt" or p.is_file():
+            return p, ""
+        if p.is_dir():
+            return p / MODEL, p.name
+        try:
+            v = self.get(ref)
+        except StoreError as e:
+            raise ConfigError(f"{key} {ref!r}: not a model.pt, a version folder, or a version "
+                              f"of store {self.root}: {e}") from None
+        return v.model_path, v.id
 
     def get(self, version_id: str) -> Version:
         matches = [v for v in self.list_versions()
