@@ -31,10 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--login-backoff", type=float, default=30.0, metavar="SECONDS",
                    help="first back-off; doubles per further failure up to --login-backoff-cap")
     p.add_argument("--login-backoff-cap", type=float, default=900.0, metavar="SECONDS")
-    p.add_argument("--threshold", type=float, default=0.5, help="decision threshold")
-    p.add_argument("--task", default=None,
-                   help="which of the version's tasks to serve (default: its first task); a "
-                   "task the version has no head for is refused at start")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold for every served task (default: each task's own "
+                        "policy, docs/adaptation.md: a fixed value, or fitted on this site's "
+                        "held-out labelled cases; the card says which)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="the nodes' train/test split seed (run config seed): its held-out "
+                        "cases fit a task's threshold policy")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a task of the version to serve (repeatable; default: every task it "
+                        "has, one tab each); a task the version has no head for is refused at "
+                        "start")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--triage-cache", type=Path, default=None,
                    help="precomputed worklist cache (default $XDG_STATE_HOME/fedsight/<site "
@@ -57,7 +64,7 @@ def _ui(args: argparse.Namespace) -> int:
                cache_dir=args.cache, threshold=args.threshold, threads=args.threads,
                audit_log=args.audit_log, audit_key=args.audit_key,
                login_limits=_login_limits(args), triage=_triage(args),
-               concurrency=args.concurrency, task=args.task)
+               concurrency=args.concurrency, tasks=args.task, split_seed=args.split_seed)
     return 0
 
 
@@ -79,11 +86,13 @@ def _login_limits(args: argparse.Namespace) -> object:
 
 def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 7860,
                users_file: Path | None = None, cache_dir: Path | None = None,
-               threshold: float = 0.5, threads: int = 2, block: bool = True,
+               threshold: float | None = None, threads: int = 2, block: bool = True,
                audit_log: Path | None = None, audit_key: Path | None = None,
                login_limits: object | None = None, triage: object | None = None,
-               concurrency: int = 16, task: str | None = None) -> object:
-    """Build the service and the app and serve it; returns the app when block=False."""
+               concurrency: int = 16, tasks: list[str] | None = None,
+               split_seed: int = 0) -> object:
+    """Build a service per served task and the app, and serve it; returns the app when
+    block=False. tasks: None = every task of the version (its first task first)."""
     import logging
 
     import torch
@@ -105,11 +114,18 @@ def launch_app(site: Path, model: Path, *, host: str = "127.0.0.1", port: int = 
         audit.check()  # a broken log stops the app at start, not at a clinician's first click
     if not isinstance(triage, TriageConfig):  # the default: precomputed, cache by the log
         triage = TriageConfig(cache_dir=triage_cache_path(site))
-    service = DiagnosisService.from_paths(site, model, cache_dir, ExplainConfig(
-        threshold=threshold), audit=audit, triage=triage, task=task)
-    app = build_app(service, cfg)
-    print(f"[ui] serving site {service.site_id} with model {service.served.version} (task "
-          f"{service.served.task}) on "
+    def service(task: str | None) -> DiagnosisService:
+        return DiagnosisService.from_paths(site, model, cache_dir, ExplainConfig(), audit=audit,
+                                           triage=triage, task=task, threshold=threshold,
+                                           split_seed=split_seed)
+
+    first = service(tasks[0] if tasks else None)  # refuses a task the version lacks
+    rest = tasks[1:] if tasks else [t for t in first.served.tasks if t != first.served.task]
+    services = [first, *(service(t) for t in dict.fromkeys(rest) if t != first.served.task)]
+    app = build_app(services, cfg)
+    print(f"[ui] serving site {first.site_id} with model {first.served.version} (task"
+          f"{'s' if len(services) > 1 else ''} "
+          f"{', '.join(s.served.task for s in services)}) on "
           f"http://{host}:{port}" + ("" if cfg.users else " (no login: loopback only)")
           + f"; audit log {cfg.audit_log}", flush=True)
     serve(app, cfg, block=block)

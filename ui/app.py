@@ -9,7 +9,7 @@ diagnose, diagnose_upload, ct_slice, ask, feedback.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,8 @@ NO_DIAGNOSIS = ("No diagnosis is open: diagnose a case first (a case refused as 
 # The pathology overlay arrives at model resolution; the browser enlarges it without smoothing.
 # The CT comes at its own resolution (up to 512 px) and is scaled smoothly, as viewers do (a
 # nearest-neighbour downscale would drop pixels); the 128 px pathology tile stays crisp.
-CSS = "#ct-image img, #path-image img { width: 100%; height: 100%; object-fit: contain; }" \
-      " #path-image img { image-rendering: pixelated; }"
+CSS = "[id^=ct-image] img, [id^=path-image] img { width: 100%; height: 100%; " \
+      "object-fit: contain; } [id^=path-image] img { image-rendering: pixelated; }"
 
 
 def _outputs(d: Diagnosis) -> tuple[Any, ...]:
@@ -109,9 +109,42 @@ def model_card_image(service: DiagnosisService) -> Any:
     return Image.open(io.BytesIO(png)) if png is not None else None
 
 
-def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
+def build_app(services: DiagnosisService | Sequence[DiagnosisService], cfg: UiConfig
+              ) -> gr.Blocks:
+    """One app for one site: a service per task of the served version (ui.service). With more
+    than one, a tab per task (the task selector); the first task keeps the plain API names and
+    element ids, every other task's get `_<task>` / `-<task>` appended."""
+    services = [services] if isinstance(services, DiagnosisService) else list(services)
+    if not services:
+        raise ValueError("build_app needs at least one DiagnosisService")
+    first = services[0]
+    tasks = ", ".join(f"**{s.served.task}** (probability of {s.cfg.condition})" for s in services)
+    with gr.Blocks(title=cfg.title, delete_cache=(600, 900), analytics_enabled=False) as app:
+        gr.Markdown(f"## {cfg.title}\nSite `{first.site_id}` · model "
+                    f"`{first.served.version}` · task{'s' if len(services) > 1 else ''} {tasks}",
+                    elem_id="app-header")
+        if len(services) == 1:
+            _task_panel(app, first, "")
+        else:
+            with gr.Tabs(elem_id="task-tabs"):
+                for i, s in enumerate(services):
+                    with gr.Tab(f"{s.served.task}: {s.cfg.condition}", id=s.served.task,
+                                elem_id=f"task-tab-{s.served.task}"):
+                        _task_panel(app, s, "" if i == 0 else s.served.task)
+    return app
+
+
+def _task_panel(app: gr.Blocks, service: DiagnosisService, suffix: str) -> None:
+    """The worklist, upload, diagnosis, CT view, "why?" and feedback of one task, wired to
+    `service`; inside `app`'s Blocks context. suffix: "" or the task id (API names, elem ids)."""
     schema = service.served.model.schema
     corrected_of = corrected_choices(service.cfg)
+
+    def api(name: str) -> str:
+        return f"{name}_{suffix}" if suffix else name
+
+    def eid(name: str) -> str:
+        return f"{name}-{suffix}" if suffix else name
 
     def diagnose(case_id: str, request: gr.Request | None = None) -> tuple[Any, ...]:
         if not case_id:
@@ -212,116 +245,113 @@ def build_app(service: DiagnosisService, cfg: UiConfig) -> gr.Blocks:
             raise gr.Error(str(e)) from None
         return f"Feedback saved (#{row}). It becomes a training label in the next round."
 
-    with gr.Blocks(title=cfg.title, delete_cache=(600, 900), analytics_enabled=False) as app:
-        handle = gr.Textbox(visible=False, label="diagnosis handle")
-        gr.Markdown(f"## {cfg.title}\nSite `{service.site_id}` · model "
-                    f"`{service.served.version}` · task **{service.served.task}** (probability "
-                    f"of {service.cfg.condition})")
-        with gr.Row():
-            with gr.Column(scale=1, min_width=300):
-                with gr.Tab("Worklist"):
-                    # Precomputed in the background (ui.triage): a row click is a cache read.
+    handle = gr.Textbox(visible=False, label="diagnosis handle")
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            with gr.Tab("Worklist"):
+                # Precomputed in the background (ui.triage): a row click is a cache read.
+                with gr.Row():
+                    order = gr.Radio(list(WORKLIST_ORDERS), value="triage", label="Sort",
+                                     elem_id=eid("worklist-order"))
+                    unreviewed = gr.Checkbox(label="No feedback yet",
+                                             elem_id=eid("worklist-unreviewed"))
+                table = gr.Dataframe(_worklist("triage", False)[0],
+                                     headers=list(WORKLIST_COLUMNS), interactive=False,
+                                     elem_id=eid("worklist-table"), max_height=360)
+                refresh = gr.Button("Refresh worklist", size="sm")
+                case = gr.Dropdown(choices=service.worklist(), label="Case",
+                                   elem_id=eid("worklist"))
+                go = gr.Button("Diagnose", variant="primary", elem_id=eid("diagnose-btn"))
+            with gr.Tab("Upload"):
+                dicom = gr.File(label="CT: DICOM files or one .zip", file_count="multiple")
+                path_up = gr.File(label="Pathology image (PNG/TIFF)", file_count="single")
+                # Text, not gr.Number: the browser sends an untouched number box as 0,
+                # which is a value (age 0 was refused; cea 0 would be believed). Empty =
+                # not recorded; parse_ehr_form names a field that is not a number.
+                ehr_inputs = [gr.Textbox(label=f"{f.name} ({f.unit})", value="",
+                                         placeholder="not recorded", max_lines=1)
+                              for f in schema.fields]
+                go_up = gr.Button("Diagnose upload", variant="primary")
+        with gr.Column(scale=2):
+            card = gr.Markdown("Choose a case and press Diagnose.", elem_id=eid("card"))
+            with gr.Row():
+                with gr.Column():
+                    ct_img = gr.Image(label="CT with attribution", type="numpy",
+                                      format="png", interactive=False,
+                                      elem_id=eid("ct-image"),
+                                      height=480)
+                    slider = gr.Slider(1, 2, step=1, value=1, label="CT slice",
+                                       visible=False)
+                    ct_caption = gr.Markdown(elem_id=eid("ct-caption"))
+                    slice_no = gr.Number(visible=False, precision=0, label="CT slice (API)")
                     with gr.Row():
-                        order = gr.Radio(list(WORKLIST_ORDERS), value="triage", label="Sort",
-                                         elem_id="worklist-order")
-                        unreviewed = gr.Checkbox(label="No feedback yet",
-                                                 elem_id="worklist-unreviewed")
-                    table = gr.Dataframe(_worklist("triage", False)[0],
-                                         headers=list(WORKLIST_COLUMNS), interactive=False,
-                                         elem_id="worklist-table", max_height=360)
-                    refresh = gr.Button("Refresh worklist", size="sm")
-                    case = gr.Dropdown(choices=service.worklist(), label="Case",
-                                       elem_id="worklist")
-                    go = gr.Button("Diagnose", variant="primary", elem_id="diagnose-btn")
-                with gr.Tab("Upload"):
-                    dicom = gr.File(label="CT: DICOM files or one .zip", file_count="multiple")
-                    path_up = gr.File(label="Pathology image (PNG/TIFF)", file_count="single")
-                    # Text, not gr.Number: the browser sends an untouched number box as 0,
-                    # which is a value (age 0 was refused; cea 0 would be believed). Empty =
-                    # not recorded; parse_ehr_form names a field that is not a number.
-                    ehr_inputs = [gr.Textbox(label=f"{f.name} ({f.unit})", value="",
-                                             placeholder="not recorded", max_lines=1)
-                                  for f in schema.fields]
-                    go_up = gr.Button("Diagnose upload", variant="primary")
-            with gr.Column(scale=2):
-                card = gr.Markdown("Choose a case and press Diagnose.", elem_id="card")
-                with gr.Row():
-                    with gr.Column():
-                        ct_img = gr.Image(label="CT with attribution", type="numpy",
-                                          format="png", interactive=False, elem_id="ct-image",
-                                          height=480)
-                        slider = gr.Slider(1, 2, step=1, value=1, label="CT slice",
-                                           visible=False)
-                        ct_caption = gr.Markdown(elem_id="ct-caption")
-                        slice_no = gr.Number(visible=False, precision=0, label="CT slice (API)")
-                        with gr.Row():
-                            preset = gr.Radio([*WINDOW_PRESETS, "custom"], value=DEFAULT_PRESET,
-                                              label="Window", elem_id="ct-window")
-                            win_w = gr.Number(WINDOW_PRESETS[DEFAULT_PRESET][0], minimum=1,
-                                              maximum=8000, label="W (HU)", min_width=80)
-                            win_l = gr.Number(WINDOW_PRESETS[DEFAULT_PRESET][1], minimum=-2000,
-                                              maximum=4000, label="L (HU)", min_width=80)
-                    path_img = gr.Image(label="Pathology with attribution", type="numpy",
-                                        format="png", interactive=False, elem_id="path-image",
-                                        height=300)
-                with gr.Row():
-                    ehr_img = gr.HTML(elem_id="ehr-bars")
-                    with gr.Column():
-                        mod_img = gr.HTML(elem_id="modality-bars")
-                        mod_md = gr.Markdown()
-                with gr.Row():
-                    question = gr.Dropdown(choices=list(QUESTIONS), value=QUESTIONS[0],
-                                           allow_custom_value=True, label="Ask")
-                    ask_btn = gr.Button("Ask")
-                answer_md = gr.Markdown(elem_id="answer")
-                with gr.Accordion("Feedback", open=False):
-                    verdict = gr.Radio(["agree", "disagree"], label="Your judgement")
-                    corrected = gr.Radio(list(corrected_of), label="Correct diagnosis (if you "
-                                         "disagree)")
-                    comment = gr.Textbox(label="Comment", lines=2)
-                    fb_btn = gr.Button("Send feedback")
-                    fb_status = gr.Markdown()
-                with gr.Accordion("Model card: calibration", open=False):
-                    gr.Markdown(service.served.calibration, elem_id="calibration")
-                    diagram = model_card_image(service)
-                    if diagram is not None:
-                        gr.Image(diagram, type="pil", format="png", interactive=False,
-                                 label="Reliability diagram (held-out cases, all hospitals)",
-                                 elem_id="reliability", height=360)
+                        preset = gr.Radio([*WINDOW_PRESETS, "custom"], value=DEFAULT_PRESET,
+                                          label="Window", elem_id=eid("ct-window"))
+                        win_w = gr.Number(WINDOW_PRESETS[DEFAULT_PRESET][0], minimum=1,
+                                          maximum=8000, label="W (HU)", min_width=80)
+                        win_l = gr.Number(WINDOW_PRESETS[DEFAULT_PRESET][1], minimum=-2000,
+                                          maximum=4000, label="L (HU)", min_width=80)
+                path_img = gr.Image(label="Pathology with attribution", type="numpy",
+                                    format="png", interactive=False,
+                                    elem_id=eid("path-image"),
+                                    height=300)
+            with gr.Row():
+                ehr_img = gr.HTML(elem_id=eid("ehr-bars"))
+                with gr.Column():
+                    mod_img = gr.HTML(elem_id=eid("modality-bars"))
+                    mod_md = gr.Markdown()
+            with gr.Row():
+                question = gr.Dropdown(choices=list(QUESTIONS), value=QUESTIONS[0],
+                                       allow_custom_value=True, label="Ask")
+                ask_btn = gr.Button("Ask")
+            answer_md = gr.Markdown(elem_id=eid("answer"))
+            with gr.Accordion("Feedback", open=False):
+                verdict = gr.Radio(["agree", "disagree"], label="Your judgement")
+                corrected = gr.Radio(list(corrected_of), label="Correct diagnosis (if you "
+                                     "disagree)")
+                comment = gr.Textbox(label="Comment", lines=2)
+                fb_btn = gr.Button("Send feedback")
+                fb_status = gr.Markdown()
+            with gr.Accordion("Model card: calibration", open=False):
+                gr.Markdown(service.served.calibration, elem_id=eid("calibration"))
+                diagram = model_card_image(service)
+                if diagram is not None:
+                    gr.Image(diagram, type="pil", format="png", interactive=False,
+                             label="Reliability diagram (held-out cases, all hospitals)",
+                             elem_id=eid("reliability"), height=360)
 
-        outs = [handle, card, ct_img, slider, path_img, ehr_img, mod_img, mod_md, answer_md]
-        go.click(diagnose, [case], outs, api_name="diagnose")
-        wl_in, wl_out = [order, unreviewed], [table, case]
-        refresh.click(worklist_table, wl_in, wl_out, api_name="worklist")
-        order.change(worklist_table, wl_in, wl_out, api_visibility="private")
-        unreviewed.change(worklist_table, wl_in, wl_out, api_visibility="private")
-        app.load(worklist_table, wl_in, wl_out, api_visibility="private")
-        table.select(pick_row, [table], [case], api_visibility="private").then(
-            diagnose, [case], outs, api_visibility="private")
-        go_up.click(diagnose_upload, [dicom, path_up, *ehr_inputs], outs,
-                    api_name="diagnose_upload")
-        # The window only re-renders the slice: the explanation is not recomputed.
-        view_in, view_out = [handle, slider, win_w, win_l], [ct_img, ct_caption]
-        slider.release(ct_slice, view_in, view_out, api_name="ct_slider",
-                       api_visibility="private")
-        # The API endpoint takes the slice as an unbounded number: the slider's range in an
-        # API session stays the one diagnose returned (the model grid while the native series
-        # is still being read), which would refuse native slice numbers beyond it.
-        slice_no.change(ct_slice, [handle, slice_no, win_w, win_l], view_out,
-                        api_name="ct_slice")
-        preset.input(window_preset, [preset], [win_w, win_l], api_visibility="private").then(
-            ct_slice, view_in, view_out, api_name="ct_window_preset", api_visibility="private")
-        for box in (win_w, win_l):
-            box.submit(ct_slice, view_in, view_out, api_name=f"ct_window_{box.label[0]}",
-                       api_visibility="private")
-            box.submit(lambda: "custom", None, [preset], api_visibility="private")
-        # A new diagnosis: caption and the clinician's current window (the service renders lung).
-        handle.change(ct_open, [handle, win_w, win_l], [*view_out, slider],
-                      api_visibility="private")
-        ask_btn.click(ask, [handle, question], [answer_md], api_name="ask")
-        fb_btn.click(feedback, [handle, verdict, corrected, comment], [fb_status],
-                     api_name="feedback")
-    return app
+    outs = [handle, card, ct_img, slider, path_img, ehr_img, mod_img, mod_md, answer_md]
+    go.click(diagnose, [case], outs, api_name=api("diagnose"))
+    wl_in, wl_out = [order, unreviewed], [table, case]
+    refresh.click(worklist_table, wl_in, wl_out, api_name=api("worklist"))
+    order.change(worklist_table, wl_in, wl_out, api_visibility="private")
+    unreviewed.change(worklist_table, wl_in, wl_out, api_visibility="private")
+    app.load(worklist_table, wl_in, wl_out, api_visibility="private")
+    table.select(pick_row, [table], [case], api_visibility="private").then(
+        diagnose, [case], outs, api_visibility="private")
+    go_up.click(diagnose_upload, [dicom, path_up, *ehr_inputs], outs,
+                api_name=api("diagnose_upload"))
+    # The window only re-renders the slice: the explanation is not recomputed.
+    view_in, view_out = [handle, slider, win_w, win_l], [ct_img, ct_caption]
+    slider.release(ct_slice, view_in, view_out, api_name=api("ct_slider"),
+                   api_visibility="private")
+    # The API endpoint takes the slice as an unbounded number: the slider's range in an
+    # API session stays the one diagnose returned (the model grid while the native series
+    # is still being read), which would refuse native slice numbers beyond it.
+    slice_no.change(ct_slice, [handle, slice_no, win_w, win_l], view_out,
+                    api_name=api("ct_slice"))
+    preset.input(window_preset, [preset], [win_w, win_l], api_visibility="private").then(
+        ct_slice, view_in, view_out, api_name=api("ct_window_preset"), api_visibility="private")
+    for box in (win_w, win_l):
+        box.submit(ct_slice, view_in, view_out, api_name=api(f"ct_window_{box.label[0]}"),
+                   api_visibility="private")
+        box.submit(lambda: "custom", None, [preset], api_visibility="private")
+    # A new diagnosis: caption and the clinician's current window (the service renders lung).
+    handle.change(ct_open, [handle, win_w, win_l], [*view_out, slider],
+                  api_visibility="private")
+    ask_btn.click(ask, [handle, question], [answer_md], api_name=api("ask"))
+    fb_btn.click(feedback, [handle, verdict, corrected, comment], [fb_status],
+                 api_name=api("feedback"))
 
 
 def serve(app: gr.Blocks, cfg: UiConfig, block: bool = True) -> None:

@@ -13,6 +13,7 @@ from coordinator.privacy_record import summary as privacy_summary
 from coordinator.store import CLINICAL, META, MODEL, ModelStore
 from multimodal.checkpoint import load_checkpoint
 from multimodal.model import FedsightModel
+from ui.operating_point import OperatingPoint
 from vocab.errors import CheckpointError
 
 
@@ -28,6 +29,8 @@ class ServedModel:
     calibration: str = ""  # one line for the card (calibration_summary)
     calibration_meta: dict[str, Any] | None = None  # the version's meta["calibration"]
     task: str = ""  # the task served ("" = the model's first task); set from the model
+    # The decision threshold and where it came from (ui.operating_point); set by the service.
+    operating_point: OperatingPoint | None = None
 
     @property
     def tasks(self) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from ui.batching import MicroBatcher, ModelLock
 from ui.config import TriageConfig, triage_cache_path
 from ui.ct_view import DEFAULT_PRESET, WINDOW_PRESETS, CtFrame, CtViews, site_case_reader
 from ui.model_source import ServedModel, load_served_model
+from ui.operating_point import OperatingPoint, choose_operating_point
 from ui.uploads import UploadError, case_from_upload
 from vocab import audit as A
 from vocab.audit import AuditLog
@@ -80,6 +81,9 @@ class DiagnosisService:
                  preprocess_cache: Path | None = None, triage: TriageConfig | None = None
                  ) -> None:
         self.served, self.site_id, self.feedback_store, self.cfg = served, site_id, feedback, cfg
+        if served.operating_point is None or served.operating_point.threshold != cfg.threshold:
+            served.operating_point = OperatingPoint(  # built by hand (tests, benchmarks)
+                cfg.threshold, "config", f"{pct(cfg.threshold)}, set in the app's configuration.")
         # Hospital-local: it may name case ids, never other patient values.
         self.audit = audit
         self._cases = {c.case_id: c for c in cases}
@@ -98,19 +102,27 @@ class DiagnosisService:
     def from_paths(cls, site_root: Path, model_path: Path, cache_dir: Path | None,
                    cfg: ExplainConfig, audit: AuditLog | None = None,
                    scope_cfg: ScopeConfig | None = None, triage: TriageConfig | None = None,
-                   task: str | None = None) -> DiagnosisService:
+                   task: str | None = None, threshold: float | None = None,
+                   split_seed: int = 0) -> DiagnosisService:
         """Load the model and preprocess the site's worklist (hospital files are only read).
         `triage`: precompute the worklist into its cache (None: no cache and no background
-        work; interactive calls are micro-batched either way)."""
+        work; interactive calls are micro-batched either way). `threshold`: the operator's
+        (None: the task's policy, ui.operating_point, on the held-out cases of the nodes'
+        split with `split_seed`; cfg.threshold is replaced either way)."""
         from hospital_node.dataset import read_site_config
 
         site_id = read_site_config(Path(site_root)).site_id
         served = load_served_model(model_path, site_id, task)
         words = get_task(served.task)  # the decision, card and answers in the task's words
+        # the cases carry the served task's labels: they fit its threshold policy
+        site = load_site(Path(site_root), served.model.cfg.inputs, cache_dir, task=served.task)
+        served.operating_point = choose_operating_point(words, served.model, site.cases,
+                                                        split_seed, threshold)
         cfg = dataclasses.replace(cfg, positive=words.positive, negative=words.negative,
-                                  condition=words.condition)
-        site = load_site(Path(site_root), served.model.cfg.inputs, cache_dir)
-        log.info("worklist: %d usable cases; model %s", len(site.cases), served.version)
+                                  condition=words.condition,
+                                  threshold=served.operating_point.threshold)
+        log.info("worklist: %d usable cases; model %s; threshold %.3f (%s)", len(site.cases),
+                 served.version, cfg.threshold, served.operating_point.source)
         return cls(served, site.cases, site.site_id, FeedbackStore.at_site(site_root), cfg,
                    audit, scope_cfg, site_root=Path(site_root), preprocess_cache=cache_dir,
                    triage=triage)
@@ -425,6 +437,8 @@ class DiagnosisService:
             f"### {e.decision.upper()} — {pct(e.probability)}",
             f"Probability of {e.condition} {pct(e.probability)}; decision threshold "
             f"{pct(e.threshold)}.",
+            "",
+            f"**Threshold:** {s.operating_point.summary if s.operating_point else ''}",
             "",
             f"**Calibration:** {s.calibration}",
             "",
