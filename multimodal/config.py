@@ -6,7 +6,9 @@ Every size lives here so that one architecture scales from two CPU cores (defaul
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -27,14 +29,60 @@ def _from_dict(cls: type[T], d: dict[str, Any], nested: dict[str, type] | None =
         raise ConfigError(
             f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(names)}"
         )
+    hints = _hints(cls)
     kw: dict[str, Any] = {}
     for k, v in d.items():
-        if nested and k in nested and isinstance(v, dict):
+        if nested and k in nested:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{cls.__name__}.{k} must be an object, got {v!r}")
             v = _from_dict(nested[k], v)
-        elif isinstance(v, list):  # JSON round-trips tuples as lists
-            v = tuple(v)
+        else:  # JSON round-trips tuples as lists; ints stand for floats
+            v = _checked(f"{cls.__name__}.{k}", hints.get(k), v)
         kw[k] = v
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError, ArithmeticError) as e:  # a check met a value it cannot read
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+_WANT: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a finite number",
+                         str: "a string"}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _checked(where: str, hint: Any, v: Any) -> Any:
+    """`v` as the field's declared type (bool, int, finite float, str, a Literal, a tuple of
+    those), or ConfigError naming the field and the value. Other types: left to the class."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(v, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {v!r}")
+        items = [args[0]] * len(v) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(v):
+            raise ConfigError(f"{where} must have {len(items)} items, got {v!r}")
+        return tuple(_checked(f"{where}[{i}]", h, x)
+                     for i, (h, x) in enumerate(zip(items, v, strict=True)))
+    if origin is Literal:
+        ok = any(type(v) is type(a) and v == a for a in args)
+    elif hint is bool:
+        ok = isinstance(v, bool)
+    elif hint is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif hint is float:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        v = float(v) if ok else v
+    elif hint is str:
+        ok = isinstance(v, str)
+    else:
+        return v
+    if not ok:
+        want = f"one of {list(args)}" if origin is Literal else _WANT[hint]
+        raise ConfigError(f"{where} must be {want}, got {v!r}")
+    return v
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -133,6 +181,16 @@ class ModelConfig:
         if self.head_readout not in ("modality", "mean"):
             raise ConfigError(f"head_readout must be 'modality' or 'mean', got "
                               f"{self.head_readout!r}")
+        sizes = {"d_model": self.d_model, "n_heads": self.n_heads, "n_experts": self.n_experts,
+                 "expert_hidden": self.expert_hidden, "ehr_hidden": self.ehr_hidden,
+                 **{f"ct_channels[{i}]": c for i, c in enumerate(self.ct_channels)},
+                 **{f"ct_cells[{i}]": c for i, c in enumerate(self.ct_cells)},
+                 **{f"path_cells[{i}]": c for i, c in enumerate(self.path_cells)},
+                 **{f"ct_stem_stride[{i}]": c for i, c in enumerate(self.ct_stem_stride)}}
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small or self.n_blocks < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"sizes must be >= 1 (got {small}), n_blocks >= 0 (got "
+                              f"{self.n_blocks}), dropout in [0, 1) (got {self.dropout})")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         if not 1 <= self.top_k <= self.n_experts:

@@ -61,9 +61,17 @@ class PretrainConfig:
         if bad or not self.modalities:
             raise ConfigError(f"pretrain modalities must be a non-empty subset of "
                               f"{SSL_MODALITIES}, got {self.modalities!r}")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.proj_dim < 2:
-            raise ConfigError("pretrain: epochs >= 1, batch_size >= 2 (the variance term needs "
-                              "two cases), lr > 0, proj_dim >= 2")
+        # upper bounds: a config arrives over the wire, and a hospital must not be made to
+        # allocate or loop without end
+        if not (1 <= self.epochs <= 1000 and 2 <= self.batch_size <= 4096 and self.lr > 0
+                and 2 <= self.proj_dim <= 8192 and self.weight_decay >= 0):
+            raise ConfigError(f"pretrain: epochs >= 1 and <= 1000, batch_size >= 2 (the "
+                              f"variance term needs two cases) and <= 4096, lr > 0, proj_dim "
+                              f">= 2 and <= 8192, weight_decay >= 0; got {self!r}")
+        coefs = (self.sim_coef, self.std_coef, self.cov_coef)
+        if min(coefs) < 0 or max(coefs) <= 0:
+            raise ConfigError(f"pretrain: sim_coef, std_coef, cov_coef must be >= 0 and not all "
+                              f"0, got {coefs!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
